@@ -1,0 +1,220 @@
+"""A trial -> a folder a user can rebuild and load; and the loader, :func:`build_model`.
+
+Folder layout (Hugging Face style)::
+
+    architecture.yaml        complete config: task, model (every layer parameter resolved), train
+    config.json              model_type "hybridnas", the pattern, sizes and per-symbol layer configs
+    model.safetensors        weights (tied head stored once)
+    README.md                model card: metrics, search summary, plots
+    optimization_history.png
+
+Loading never unpickles: ``yaml.safe_load`` and safetensors only. Every file is written through a temp file
+and a rename, so an interrupted export never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from hybridnas import __version__, patterns
+from hybridnas.config import ArchConfig, load_arch, resolved_layers
+from hybridnas.model import HybridLM
+from hybridnas.yamlio import atomic_write_bytes, atomic_write_text, dump_yaml, write_json
+
+ARCH_FILE = "architecture.yaml"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def complete_arch(arch: ArchConfig) -> ArchConfig:
+    """The same architecture with every layer parameter written out (defaults resolved)."""
+    model = arch.model
+    full = type(model)(**{**asdict(model), "layers": resolved_layers(model)})
+    return ArchConfig(full, arch.task, arch.train, dict(arch.symbols), arch.name)
+
+
+def hf_config(arch: ArchConfig, model: HybridLM | None = None) -> dict[str, Any]:
+    m = arch.model
+    return {
+        "model_type": "hybridnas",
+        "architectures": ["HybridLM"],
+        "hybridnas_version": __version__,
+        "hybrid_override_pattern": m.pattern,
+        "layer_symbols": patterns.to_primary(m.pattern),
+        "num_hidden_layers": len(patterns.to_primary(m.pattern)),
+        "hidden_size": m.d_model,
+        "vocab_size": m.vocab_size,
+        "rms_norm_eps": m.norm_eps,
+        "tie_word_embeddings": m.tie_embeddings,
+        "initializer_range": m.init_std,
+        "layer_configs": resolved_layers(m),
+        "custom_symbols": dict(arch.symbols),
+        "num_parameters": model.num_params() if model is not None else HybridLM.param_count(m),
+        "torch_dtype": "float32",
+    }
+
+
+def save_weights(path: Path, model: HybridLM, metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, st_save(tensors, metadata=metadata or {"format": "pt"}))
+
+
+def save_checkpoint(out_dir: str | Path, arch: ArchConfig, model: HybridLM) -> Path:
+    """architecture.yaml + config.json + model.safetensors: everything :func:`build_model` needs."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    full = complete_arch(arch)
+    atomic_write_text(out / ARCH_FILE, dump_yaml(full.to_dict()))
+    write_json(out / CONFIG_FILE, hf_config(full, model))
+    save_weights(out / WEIGHTS_FILE, model)
+    return out
+
+
+def build_model(path: str | Path, *, device: str | torch.device = "cpu", load_weights: bool = True) -> HybridLM:
+    """Rebuild the exported model from ``path`` (a folder or its architecture.yaml) and load its weights."""
+    p = Path(path)
+    folder = p.parent if p.is_file() else p
+    arch = load_arch(str(folder / ARCH_FILE))
+    model = HybridLM(arch.model)
+    if load_weights:
+        wfile = folder / WEIGHTS_FILE
+        if not wfile.exists():
+            raise FileNotFoundError(f"{wfile} not found (pass load_weights=False for a freshly initialized model)")
+        state = st_load(wfile.read_bytes())
+        model.load_state_dict(state, strict=True)
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------- study export
+
+
+def _history_png(study) -> bytes | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+
+    if not [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]:
+        return None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ax = optuna.visualization.matplotlib.plot_optimization_history(study)
+    fig = ax.figure
+    fig.set_size_inches(7, 4)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else "nan"
+    return str(v)
+
+
+def model_card(arch: ArchConfig, trial, study, metrics: dict[str, Any], n_params: int) -> str:
+    import optuna
+
+    states = [t.state for t in study.trials]
+    n = {s.name: states.count(s) for s in optuna.trial.TrialState}
+    objective = study.user_attrs.get("objective", "accuracy")
+    lines = [
+        f"# {arch.name}: trial {trial.number} of study `{study.study_name}`",
+        "",
+        "Exported by hybridnas. Rebuild and load with:",
+        "",
+        "```python",
+        "import hybridnas",
+        "model = hybridnas.build_model('<this folder>')",
+        "```",
+        "",
+        "## Architecture",
+        "",
+        f"- pattern: `{arch.model.pattern}` ({len(patterns.to_primary(arch.model.pattern))} blocks, "
+        f"canonical `{patterns.to_primary(arch.model.pattern)}`)",
+        f"- d_model: {arch.model.d_model}, vocab: {arch.model.vocab_size}, parameters: {n_params:,}",
+        f"- task: `{arch.task.name}` " + ", ".join(f"{k}={v}" for k, v in arch.task.params.items()),
+        "",
+        "| symbol | parameters |",
+        "|---|---|",
+    ]
+    for sym, params in resolved_layers(arch.model).items():
+        lines.append(f"| `{sym}` | " + ", ".join(f"{k}={v}" for k, v in params.items()) + " |")
+    lines += ["", "## Metrics (validation, best evaluation of the short run)", "", "| metric | value |", "|---|---|"]
+    lines.append(f"| objective ({objective}) | {_fmt(trial.value)} |")
+    for k, v in metrics.items():
+        lines.append(f"| {k} | {_fmt(v)} |")
+    if "state_bytes" in trial.user_attrs:
+        lines.append(f"| decode state bytes (batch 1, seq {arch.task.params.get('seq_len', '?')}) | "
+                     f"{trial.user_attrs['state_bytes']:,} |")
+    lines += ["", "## Search", "",
+              f"- trials: {len(study.trials)} ({', '.join(f'{k.lower()} {v}' for k, v in n.items() if v)})",
+              f"- direction: {study.direction.name.lower()} {objective}",
+              f"- sampled parameters of this trial: " + ", ".join(f"`{k}`={_fmt(v)}" for k, v in trial.params.items()),
+              "", "![optimization history](optimization_history.png)", ""]
+    return "\n".join(lines)
+
+
+def export_trial(study, trial, out_dir: str | Path, *, retrain_if_missing: bool = True,
+                 log=print) -> Path:
+    """Write the export folder for ``trial``: weights from its checkpoint, or retrained when absent."""
+    from hybridnas.config import load_arch as _load
+
+    out = Path(out_dir)
+    arch_dict = trial.user_attrs.get("arch")
+    if arch_dict is None:
+        raise ValueError(f"trial {trial.number} has no recorded architecture (was it made by hybridnas search?)")
+    arch = _load(data=arch_dict, file=f"study {study.study_name} trial {trial.number}")
+    weights_dir = trial.user_attrs.get("weights")
+    metrics = dict(trial.user_attrs.get("metrics", {}))
+    model = None
+    if weights_dir and (Path(weights_dir) / WEIGHTS_FILE).exists():
+        model = build_model(weights_dir)
+    elif retrain_if_missing:
+        from hybridnas.tasks import build_task
+        from hybridnas.train import train
+
+        log(f"weights of trial {trial.number} not found locally; retraining it with its recorded seed")
+        data = build_task(arch.task.name, arch.task.build_config())
+        result = train(arch, data)
+        model = result.model.to("cpu")
+        metrics = {k: v for k, v in result.metrics.items()}
+    else:
+        raise FileNotFoundError(f"weights of trial {trial.number} not found")
+    save_checkpoint(out, arch, model)
+    atomic_write_text(out / "README.md", model_card(arch, trial, study, metrics, model.num_params()))
+    png = _history_png(study)
+    if png is not None:
+        atomic_write_bytes(out / "optimization_history.png", png)
+    write_json(out / "trial.json", {"study": study.study_name, "trial": trial.number, "value": trial.value,
+                                    "params": trial.params, "metrics": metrics})
+    return out
+
+
+def export_best(study, out_dir: str | Path, **kw) -> Path:
+    import optuna
+
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None
+            and math.isfinite(t.value)]
+    if not done:
+        raise ValueError(f"study {study.study_name!r} has no completed trial to export")
+    best = study.best_trial
+    return export_trial(study, best, out_dir, **kw)
+
+
+def dumps_config(arch: ArchConfig) -> str:
+    return json.dumps(hf_config(arch), indent=2)

@@ -1,0 +1,209 @@
+"""Contract tests generated from the registry: every registered layer gets them for free.
+
+A new layer needs nothing here unless its defaults are too big for a CPU test or it has extra interesting
+configurations: add it to ``CASES`` (test sizes and parameter sets) and ``INVALID`` (rejected configs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from hybridnas import registry
+from layers.base import Layer, LayerConfigError
+
+D_MODEL = 32
+BATCH = 2
+SEQ = 12
+
+#: symbol -> list of (d_model, params) cases; symbols not listed run once with (D_MODEL, {}).
+CASES: dict[str, list[tuple[int, dict[str, Any]]]] = {
+    "A": [
+        (D_MODEL, {}),
+        (D_MODEL, {"n_heads": 4, "n_kv_heads": 2, "window": 5, "qkv_bias": True}),
+        (D_MODEL, {"n_heads": 2, "n_kv_heads": 1, "head_dim": 12, "rope": False, "window": 1}),
+    ],
+    "E": [
+        (D_MODEL, {"n_experts": 4, "top_k": 2, "z_loss_coef": 1e-3}),
+        (D_MODEL, {"n_experts": 3, "top_k": 1, "renormalize": False, "jitter": 0.1}),
+    ],
+    "F": [(D_MODEL, {}), (24, {"expand": 2.5, "multiple_of": 16, "bias": True})],
+}
+
+#: symbol -> list of (d_model, params, field named by the LayerConfigError).
+INVALID: dict[str, list[tuple[int, dict[str, Any], str]]] = {
+    "A": [
+        (30, {"n_heads": 4}, "n_heads"),
+        (32, {"n_heads": 0}, "n_heads"),
+        (32, {"n_heads": 4, "n_kv_heads": 3}, "n_kv_heads"),
+        (32, {"n_heads": 4, "head_dim": 7}, "head_dim"),
+        (28, {"n_heads": 4}, "head_dim"),  # head_dim 7 is odd, RoPE needs pairs
+        (32, {"window": 0}, "window"),
+    ],
+    "E": [
+        (32, {"n_experts": 4, "top_k": 5}, "top_k"),
+        (32, {"top_k": 0}, "top_k"),
+        (32, {"n_experts": 0, "top_k": 0}, "n_experts"),
+        (32, {"aux_loss_coef": -1.0}, "aux_loss_coef"),
+        (32, {"jitter": 1.5}, "jitter"),
+        (32, {"expand": 0.0}, "expand"),
+    ],
+    "F": [(32, {"expand": -1.0}, "expand"), (32, {"multiple_of": 0}, "multiple_of")],
+}
+
+
+def _cases() -> list:
+    out = []
+    for spec in registry.specs():
+        for i, (d, params) in enumerate(CASES.get(spec.symbol, [(D_MODEL, {})])):
+            out.append(pytest.param(spec, d, params, id=f"{spec.symbol}-{spec.name}-{i}"))
+    return out
+
+
+CASE_PARAMS = _cases()
+
+
+def _build(spec, d: int, params: dict, n_layers: int = 2) -> Layer:
+    torch.manual_seed(0)
+    return spec.build(d, params, layer_idx=1, n_layers=n_layers)
+
+
+def _x(d: int, seq: int = SEQ, batch: int = BATCH, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, seq, d, generator=g)
+
+
+def _tensors(state: Any) -> list[torch.Tensor]:
+    """Every tensor inside a state (tensor, dict, list/tuple, nested); other leaves (ints) are ignored."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in _tensors(v)]
+    if isinstance(state, list | tuple):
+        return [t for v in state for t in _tensors(v)]
+    return []
+
+
+def _decode(layer: Layer, x: torch.Tensor, n_prefill: int) -> torch.Tensor:
+    y0, state = layer.prefill(x[:, :n_prefill], {})
+    ys = [y0]
+    for t in range(n_prefill, x.shape[1]):
+        y_t, state = layer.step(x[:, t:t + 1], state, {})
+        assert y_t.shape == (x.shape[0], 1, x.shape[2])
+        ys.append(y_t)
+    return torch.cat(ys, dim=1)
+
+
+def test_registry_has_builtins():
+    assert {"A", "E", "F"} <= set(registry.symbols())
+    assert registry.primary("*") == "A" and registry.primary("-") == "F"
+
+
+@pytest.mark.parametrize("spec, d, params", CASE_PARAMS)
+def test_smoke_forward(spec, d, params):
+    layer = _build(spec, d, params)
+    x = _x(d)
+    y = layer(x, {})
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert torch.isfinite(y).all()
+    assert spec.kind in ("mixer", "ffn")
+    aux = layer.aux_loss()
+    assert aux is None or (aux.ndim == 0 and torch.isfinite(aux))
+
+
+@pytest.mark.parametrize("spec, d, params", CASE_PARAMS)
+def test_step_matches_forward(spec, d, params):
+    layer = _build(spec, d, params).eval()
+    x = _x(d)
+    with torch.no_grad():
+        ref = layer(x, {})
+        for n_prefill in (1, 5, SEQ):
+            got = _decode(layer, x, n_prefill)
+            err = (got - ref).abs().max().item()
+            assert err <= 1e-5, f"prefill {n_prefill}: max abs err {err}"
+        # prefill of the whole sequence also returns forward's output
+        y_pre, _ = layer.prefill(x, {})
+        assert (y_pre - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("spec, d, params", CASE_PARAMS)
+def test_param_count_exact(spec, d, params):
+    layer = _build(spec, d, params)
+    assert spec.param_count(d, params) == sum(p.numel() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("spec, d, params", CASE_PARAMS)
+def test_state_size_matches_prefill_state(spec, d, params):
+    layer = _build(spec, d, params).eval()
+    with torch.no_grad():
+        for length in (1, 3, SEQ):
+            _, state = layer.prefill(_x(d, seq=length), {})
+            actual = sum(t.nbytes for t in _tensors(state))
+            assert layer.state_size(BATCH, length, torch.float32) == actual, f"length {length}"
+            # and it stays right after decoding more tokens
+            _, state = layer.step(_x(d, seq=1, seed=5), state, {})
+            actual = sum(t.nbytes for t in _tensors(state))
+            assert layer.state_size(BATCH, length + 1, torch.float32) == actual, f"length {length} + 1 step"
+    if not spec.cls.state_grows:
+        assert layer.state_size(BATCH, 10) == layer.state_size(BATCH, 10_000)
+    assert layer.state_size(2 * BATCH, SEQ) == 2 * layer.state_size(BATCH, SEQ)
+
+
+@pytest.mark.parametrize("spec, d, params", CASE_PARAMS)
+def test_gradients_finite(spec, d, params):
+    layer = _build(spec, d, params).train()
+    x = _x(d).requires_grad_(True)
+    y = layer(x, {})
+    aux = layer.aux_loss()
+    loss = y.square().mean() + (aux if aux is not None else 0.0)
+    loss.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{name} got no gradient"
+            assert torch.isfinite(p.grad).all(), f"{name} has non-finite gradient"
+            assert p.grad.abs().sum() > 0, f"{name} gradient is identically zero"
+
+
+@pytest.mark.parametrize("spec, d, params", CASE_PARAMS)
+def test_reset_parameters_deterministic(spec, d, params):
+    a, b = _build(spec, d, params), _build(spec, d, params)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(1.0)
+    torch.manual_seed(0)
+    a.reset_parameters()
+    torch.manual_seed(0)
+    b.reset_parameters()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+
+
+@pytest.mark.parametrize("spec", registry.specs(), ids=lambda s: s.symbol)
+def test_config_fields_have_defaults(spec):
+    cfg = spec.make_config()
+    assert set(spec.cls.config_fields()) == set(vars(cfg))
+
+
+@pytest.mark.parametrize("spec", registry.specs(), ids=lambda s: s.symbol)
+def test_rejects_nonpositive_d_model(spec):
+    with pytest.raises(LayerConfigError) as e:
+        spec.cls.check_config(0, spec.make_config())
+    assert e.value.field == "d_model"
+
+
+def _invalid_cases() -> list:
+    return [pytest.param(sym, d, params, field, id=f"{sym}-{field}-{i}")
+            for sym, cases in INVALID.items() for i, (d, params, field) in enumerate(cases)]
+
+
+@pytest.mark.parametrize("symbol, d, params, field", _invalid_cases())
+def test_check_config_rejects(symbol, d, params, field):
+    spec = registry.get(symbol)
+    with pytest.raises(LayerConfigError) as e:
+        spec.cls.check_config(d, spec.make_config(params))
+    assert e.value.field == field
+    with pytest.raises(LayerConfigError):  # the constructor checks too
+        spec.build(d, params)

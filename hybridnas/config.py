@@ -256,12 +256,15 @@ def parse_searchable(value: Any, tp: Any, path: PathT, src: Source) -> Any:
         return out
     if _is_range(value):
         r = parse_dataclass(Range, value, path, src)
+        for k in ("low", "high", "step"):
+            if getattr(r, k) is not None and not math.isfinite(getattr(r, k)):
+                raise src.error(path + (k,), f"must be a finite number, got {getattr(r, k)!r}")
         base = {t for t in typing.get_args(tp)} if typing.get_origin(tp) in (Union, types.UnionType) else {tp}
         if not base & {int, float}:
             raise src.error(path, f"a {{low, high}} range needs a numeric field, this one is {_type_name(tp)}")
         if float not in base:
-            for k in ("low", "high"):
-                if float(getattr(r, k)) != int(getattr(r, k)):
+            for k in ("low", "high", "step"):
+                if getattr(r, k) is not None and float(getattr(r, k)) != int(getattr(r, k)):
                     raise src.error(path + (k,), f"this field takes integers, got {getattr(r, k)!r}")
             r.low, r.high = int(r.low), int(r.high)
             r.step = None if r.step is None else int(r.step)
@@ -358,7 +361,9 @@ def _parse_task(data: Any, src: Source) -> TaskSpec:
         if hasattr(cfg, "check"):
             cfg.check()
     except TaskConfigError as e:
-        raise src.error(("task", e.field), str(e)) from None
+        msg = str(e)
+        msg = msg[len(e.field) + 2:] if msg.startswith(f"{e.field}: ") else msg
+        raise src.error(("task", e.field), msg) from None
     return TaskSpec(name, asdict(cfg))
 
 
@@ -416,7 +421,7 @@ _ARCH_KEYS = ["name", "symbols", "task", "model", "train"]
 
 def _top(data: Any, src: Source, allowed: list[str]) -> dict:
     if data is None:
-        raise src.error((), "the file is empty")
+        raise ConfigError("the file is empty", src.file, src.line(()) or 1, ())
     if not isinstance(data, dict):
         raise src.error((), f"expected a mapping with keys {', '.join(allowed)}")
     for key in data:
@@ -458,8 +463,13 @@ def _parse_model_space(data: Any, src: Source, task_vocab: int, searchable: bool
                 lhints = typing.get_type_hints(spec.cls.Config)
                 lnames = spec.cls.config_fields()
                 entry = layers.setdefault(spec.symbol, {})
+                if str(sym) != spec.symbol and path + (sym,) in src.lines:
+                    # an alias: later errors name the primary symbol, so give it the line the alias was written on
+                    src.lines.setdefault(path + (spec.symbol,), src.lines[path + (sym,)])
                 for pk, pv in params.items():
                     ppath = path + (sym, pk)
+                    if str(sym) != spec.symbol and ppath in src.lines:
+                        src.lines[path + (spec.symbol, pk)] = src.lines[ppath]
                     if pk not in lnames:
                         raise src.error(ppath, f"{spec.symbol} ({spec.name}) has no parameter {pk!r}"
                                         + _suggest(pk, lnames) + f"; known: {', '.join(lnames)}")

@@ -164,7 +164,7 @@ def model_card(arch: ArchConfig, trial, study, metrics: dict[str, Any], n_params
     lines += ["", "## Search", "",
               f"- trials: {len(study.trials)} ({', '.join(f'{k.lower()} {v}' for k, v in n.items() if v)})",
               f"- direction: {study.direction.name.lower()} {objective}",
-              f"- sampled parameters of this trial: " + ", ".join(f"`{k}`={_fmt(v)}" for k, v in trial.params.items()),
+              "- sampled parameters of this trial: " + ", ".join(f"`{k}`={_fmt(v)}" for k, v in trial.params.items()),
               "", "![optimization history](optimization_history.png)", ""]
     return "\n".join(lines)
 

@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+MAX_LAYERS = 4096
+
 
 class PatternError(ValueError):
     """A malformed pattern; ``position`` is the 0-based character index in the original string."""
@@ -134,7 +136,14 @@ def parse(pattern: str, symbols: dict[str, str] | None = None) -> tuple[Node, ..
     tree = parse_seq(0, None)
     if not tree:
         raise PatternError("empty pattern: it needs at least one layer symbol", pattern)
+    n_layers = _count(tuple(tree))
+    if n_layers > MAX_LAYERS:
+        raise PatternError(f"pattern expands to {n_layers} layers; at most {MAX_LAYERS} are allowed", pattern)
     return tuple(tree)
+
+
+def _count(nodes: tuple[Node, ...]) -> int:
+    return sum(1 if isinstance(node, Symbol) else node.count * _count(node.items) for node in nodes)
 
 
 def _expand_nodes(nodes: tuple[Node, ...]) -> list[str]:

@@ -17,12 +17,14 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
+from optuna.exceptions import ExperimentalWarning
 
 from hybridnas import patterns
 from hybridnas.config import (
@@ -38,6 +40,10 @@ from hybridnas.config import (
 from hybridnas.model import HybridLM
 
 RUNS_DIR = "runs"
+
+# heartbeats, the stale-trial retry callback and QMC are stable in practice but still flagged experimental
+warnings.filterwarnings("ignore", category=ExperimentalWarning, module="hybridnas")
+warnings.filterwarnings("ignore", category=ExperimentalWarning, module="optuna")
 
 
 class InvalidTrialConfig(ValueError):
@@ -286,9 +292,18 @@ class Objective:
 # ---------------------------------------------------------------------------------------------- driver
 
 
+def counts_toward_budget(t: optuna.trial.FrozenTrial) -> bool:
+    """Finished trials count toward ``n_trials``: complete, pruned, and failures recorded as data (OOM,
+    divergence, invalid config). A trial failed by Ctrl-C or a killed worker has no ``fail_reason`` and does
+    not count, so resuming re-runs it instead of losing budget to the interruption."""
+    state = t.state
+    if state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
+        return True
+    return state == optuna.trial.TrialState.FAIL and "fail_reason" in t.user_attrs
+
+
 def finished_count(study: optuna.Study) -> int:
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    return len(study.get_trials(deepcopy=False, states=states))
+    return sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -340,8 +355,10 @@ def run_search(space: SearchSpace, *, storage: str | None = None, study_name: st
         return study
     objective = Objective(space, study.study_name, quiet=quiet)
     bar, callback = _progress_callback(total, done, quiet)
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    cap = optuna.study.MaxTrialsCallback(total, states=states)
+    def cap(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if finished_count(study) >= total:
+            study.stop()
+
     try:
         study.optimize(objective, n_trials=remaining, timeout=timeout or space.search.timeout,
                        callbacks=[callback, cap], gc_after_trial=True)

@@ -162,7 +162,7 @@ def train(arch: ArchConfig, data: TaskData, *, on_eval: EvalCallback | None = No
         total = loss + aux if aux is not None else loss
         if not torch.isfinite(total):
             stop_reason = "nan"
-            last_loss = float(loss)
+            last_loss = loss.item()
             break
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -171,12 +171,12 @@ def train(arch: ArchConfig, data: TaskData, *, on_eval: EvalCallback | None = No
         opt.step()
         train_time += time.perf_counter() - t0
         tokens += x.numel()
-        last_loss = float(loss)
+        last_loss = loss.item()
         if writer is not None:
             writer.add_scalar("train/loss", last_loss, step)
             writer.add_scalar("train/lr", lr, step)
             if aux is not None:
-                writer.add_scalar("train/aux_loss", float(aux), step)
+                writer.add_scalar("train/aux_loss", aux.item(), step)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             ev = evaluate(model, valid_x, valid_y, max(cfg.batch_size, 64), device, autocast)
             ev["step"] = step

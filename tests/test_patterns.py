@@ -233,3 +233,9 @@ def test_errors_propagate_through_every_entry_point():
         canonical("MQ", symbols=SYMBOLS)
     with pytest.raises(PatternError):
         arch_hash("(MA", symbols=SYMBOLS)
+
+
+def test_huge_repeat_counts_are_rejected_before_expansion():
+    with pytest.raises(PatternError, match="at most"):
+        parse("(M)x99999999999", SYMBOLS)
+    assert len(expand("((MA)x32)x64", SYMBOLS)) == 4096

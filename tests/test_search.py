@@ -153,7 +153,8 @@ def test_export_rebuilds_the_same_model(runs):
 
 
 def test_export_retrains_when_weights_are_missing(runs):
-    space = load_space(str(write_space(runs / "tiny.yaml", SPACE.replace("search:\n", "search:\n  save_weights: false\n"))))
+    text = SPACE.replace("search:\n", "search:\n  save_weights: false\n")
+    space = load_space(str(write_space(runs / "tiny.yaml", text)))
     study = search.run_search(space, quiet=True)
     out = export_best(study, runs / "export", log=lambda *_: None)
     model = hybridnas.build_model(out)

@@ -83,6 +83,9 @@ def parse(pattern: str, symbols: dict[str, str] | None = None) -> tuple[Node, ..
     pos = 0
     n = len(pattern)
 
+    def fail(message: str, at: int) -> PatternError:
+        return PatternError(f"{message} at position {at}; registered symbols: {_listing(known)}", pattern, at)
+
     def skip_ws() -> None:
         nonlocal pos
         while pos < n and pattern[pos].isspace():
@@ -95,7 +98,7 @@ def parse(pattern: str, symbols: dict[str, str] | None = None) -> tuple[Node, ..
             skip_ws()
             if pos >= n:
                 if depth > 0:
-                    raise PatternError("unbalanced '(': no matching ')'", pattern, open_pos)
+                    raise fail("unbalanced '(': no matching ')'", open_pos)
                 return items
             ch = pattern[pos]
             if ch == "(":
@@ -105,37 +108,35 @@ def parse(pattern: str, symbols: dict[str, str] | None = None) -> tuple[Node, ..
                 # parse_seq returns at the matching ')'
                 pos += 1
                 if not inner:
-                    raise PatternError("empty group '()'", pattern, start)
+                    raise fail("empty group '()'", start)
                 skip_ws()
                 if pos >= n or pattern[pos] not in "xX×":
-                    raise PatternError("a group must be followed by a repeat count, as in (MMMA)x4", pattern,
-                                       min(pos, n - 1) if n else 0)
+                    raise fail("a group must be followed by a repeat count, as in (MMMA)x4", min(pos, n - 1))
                 pos += 1
                 skip_ws()
                 digits_start = pos
                 while pos < n and pattern[pos] in "0123456789":  # not isdigit(): int('²') fails
                     pos += 1
                 if digits_start == pos:
-                    raise PatternError("missing repeat count after 'x'", pattern, min(pos, n - 1))
+                    raise fail("missing repeat count after 'x'", min(pos, n - 1))
                 count = int(pattern[digits_start:pos])
                 if count < 1:
-                    raise PatternError("repeat count must be at least 1", pattern, digits_start)
+                    raise fail("repeat count must be at least 1", digits_start)
                 items.append(Group(tuple(inner), count))
             elif ch == ")":
                 if depth == 0:
-                    raise PatternError("unbalanced ')': no matching '('", pattern, pos)
+                    raise fail("unbalanced ')': no matching '('", pos)
                 return items
             elif ch in known:
                 items.append(Symbol(ch, pos))
                 pos += 1
             else:
-                raise PatternError(
-                    f"unknown layer symbol {ch!r} at position {pos}; registered symbols: {_listing(known)}",
-                    pattern, pos)
+                raise fail(f"unknown layer symbol {ch!r}", pos)
 
     tree = parse_seq(0, None)
     if not tree:
-        raise PatternError("empty pattern: it needs at least one layer symbol", pattern)
+        raise PatternError(f"empty pattern: it needs at least one layer symbol; registered symbols: "
+                           f"{_listing(known)}", pattern)
     n_layers = _count(tuple(tree))
     if n_layers > MAX_LAYERS:
         raise PatternError(f"pattern expands to {n_layers} layers; at most {MAX_LAYERS} are allowed", pattern)

@@ -239,3 +239,11 @@ def test_huge_repeat_counts_are_rejected_before_expansion():
     with pytest.raises(PatternError, match="at most"):
         parse("(M)x99999999999", SYMBOLS)
     assert len(expand("((MA)x32)x64", SYMBOLS)) == 4096
+
+
+@pytest.mark.parametrize("bad", ["MM(A", "MA)M", "(MA)", "(MA)x0", "()x2", "MQ"])
+def test_every_grammar_error_lists_the_registered_symbols(bad):
+    with pytest.raises(PatternError) as info:
+        parse(bad, SYMBOLS)
+    assert "registered symbols:" in str(info.value)
+    assert f"at position {info.value.position}" in str(info.value)

@@ -137,8 +137,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from hybridnas.config import load_arch
     from hybridnas.export import save_checkpoint
-    from hybridnas.tasks import build_task
-    from hybridnas.train import train
+    from hybridnas.tasks import build_task, trainer_for
 
     arch = load_arch(args.arch)
     if args.steps is not None:
@@ -151,7 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"step {step:6d}  valid loss {ev['loss']:.4f}  accuracy {ev['accuracy']:.4f}  "
                   f"train loss {ev['train_loss']:.4f}", flush=True)
 
-    result = train(arch, data, on_eval=on_eval, log_dir=args.log_dir, hparams=hparams)
+    result = trainer_for(arch.task.name)(arch, data, on_eval=on_eval, log_dir=args.log_dir, hparams=hparams)
     print(json.dumps(result.metrics, indent=2))
     if args.out:
         save_checkpoint(args.out, arch, result.model.to("cpu"))

@@ -185,8 +185,9 @@ def export_trial(study, trial, out_dir: str | Path, *, retrain_if_missing: bool 
     if weights_dir and (Path(weights_dir) / WEIGHTS_FILE).exists():
         model = build_model(weights_dir)
     elif retrain_if_missing:
-        from hybridnas.tasks import build_task
-        from hybridnas.train import train
+        from hybridnas.tasks import build_task, trainer_for
+
+        train = trainer_for(arch.task.name)
 
         log(f"weights of trial {trial.number} not found locally; retraining it with its recorded seed")
         data = build_task(arch.task.name, arch.task.build_config())

@@ -240,7 +240,9 @@ class Objective:
         return self._train(trial, arch, t0)
 
     def _train(self, trial: optuna.Trial, arch: ArchConfig, t0: float) -> float:
-        from hybridnas.train import train
+        from hybridnas.tasks import trainer_for
+
+        train = trainer_for(arch.task.name)
 
         objective = self.space.search.objective
         out_dir = trial_dir(self.study_name, trial.number)
@@ -275,6 +277,8 @@ class Objective:
             return math.nan
         metrics = {k: v for k, v in result.metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}
         trial.set_user_attr("metrics", metrics)
+        for k, v in result.attrs.items():
+            trial.set_user_attr(k, v)
         if result.metrics["stop_reason"] == "nan":
             trial.set_user_attr("fail_reason", "diverged")
             trial.set_user_attr("error", "loss became NaN or infinite")

@@ -35,6 +35,8 @@ class TrainResult:
     metrics: dict[str, Any]
     model: HybridLM
     history: list[dict[str, float]] = field(default_factory=list)
+    #: extra values a task trainer wants recorded on the trial (e.g. per-task scores of a suite)
+    attrs: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -15,6 +15,21 @@ TASKS: dict[str, tuple[type, Callable[[Any], TaskData]]] = {
 }
 
 
+#: Tasks whose trial is not one plain ``hybridnas.train.train`` run (e.g. a suite of several short runs) register a
+#: trainer here with train's signature: ``(arch, data, *, on_eval, log_dir, hparams, model) -> TrainResult``.
+TRAINERS: dict[str, Callable[..., Any]] = {}
+
+
+def trainer_for(name: str) -> Callable[..., Any]:
+    """The function that trains and scores one architecture on task ``name``."""
+    _lookup(name)
+    if name in TRAINERS:
+        return TRAINERS[name]
+    from hybridnas.train import train
+
+    return train
+
+
 class UnknownTaskError(KeyError):
     """An unknown task name; the message lists the known ones."""
 
@@ -51,4 +66,4 @@ def build_task(name: str, config: Any = None) -> TaskData:
 
 
 __all__ = ["IGNORE_INDEX", "TASKS", "MQARConfig", "TaskConfigError", "TaskData", "UnknownTaskError",
-           "build_task", "task_config_class"]
+           "build_task", "task_config_class", "TRAINERS", "trainer_for"]

@@ -24,6 +24,7 @@ def test_precedence(monkeypatch):
 
 
 def test_bad_requests_are_clear_errors(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x = torch.zeros(1)
     with pytest.raises(dispatch.BackendError, match="has no 'triton' backend"):
         with dispatch.force("triton"):

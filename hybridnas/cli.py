@@ -1,4 +1,4 @@
-"""hybridnas search | show | export | train | validate.
+"""hybridnas search | show | export | plot | dashboard | train | validate.
 
 Errors a user can fix (bad YAML, unknown study, missing file) print one clear message and exit 2;
 Ctrl-C exits 130 after Optuna has recorded the interrupted trial, so re-running resumes.
@@ -50,6 +50,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fmt_values(values) -> str:
+    return "-" if values is None else "/".join(f"{v:.4f}" for v in values)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from hybridnas import search
     from hybridnas.config import load_space
@@ -57,41 +61,93 @@ def cmd_search(args: argparse.Namespace) -> int:
     space = load_space(args.space)
     if args.seed is not None:
         space.search.seed = args.seed
-    study = search.run_search(space, storage=args.storage, study_name=args.study, n_trials=args.n_trials,
-                              timeout=args.timeout, quiet=args.quiet)
+    s = space.search
+    workers = args.workers or s.workers
+    name = args.study or s.study_name or space.name
+    total = args.n_trials if args.n_trials is not None else s.n_trials
+    if workers > 1 and args.worker_index is None:
+        from hybridnas.workers import run_workers
+
+        url = search.resolve_storage(space, args.storage, args.study, workers)
+        search.open_study(space, url, name, workers=workers)  # create it once, before the workers race to
+        failed = run_workers(space, workers, storage=url, study_name=name, n_trials=total, timeout=args.timeout,
+                             seed=args.seed, quiet=args.quiet)
+        study = search.load_study(name, url)
+        if failed:
+            return 1
+    else:
+        study = search.run_search(space, storage=args.storage, study_name=args.study, n_trials=total,
+                                  timeout=args.timeout, quiet=args.quiet, workers=workers,
+                                  seed_offset=args.worker_index or 0)
+    if args.worker_index is not None:
+        return 0
+    top_k = args.confirm_top if args.confirm_top is not None else s.confirm_top
+    if top_k:
+        from hybridnas.confirm import run_confirmation
+
+        summary = run_confirmation(study, top_k, args.confirm_seeds or s.confirm_seeds,
+                                   args.confirm_budget or s.confirm_budget, log=(lambda *a: None) if args.quiet
+                                   else print)
+        _print_confirmation(summary)
     best = search.best_trial(study)
-    if best is None:
+    if len(study.directions) > 1:
+        print(f"Pareto front: {len(study.best_trials)} trial(s): "
+              + ", ".join(f"#{t.number} {t.user_attrs.get('pattern')} {_fmt_values(t.values)}"
+                          for t in study.best_trials))
+    elif best is None:
         print("no trial completed")
         return 1
-    print(f"best: trial {best.number} value {best.value:.4f} pattern {best.user_attrs.get('pattern')} "
-          f"params {best.user_attrs.get('params')}")
+    else:
+        print(f"best: trial {best.number} value {best.value:.4f} pattern {best.user_attrs.get('pattern')} "
+              f"params {best.user_attrs.get('params')}")
     out = args.export or space.export.dir
     if out:
-        from hybridnas.export import export_best
+        from hybridnas.export import export_best, export_pareto
 
-        path = export_best(study, out)
-        print(f"exported trial {best.number} to {path}/")
+        if len(study.directions) > 1:
+            path = export_pareto(study, out)
+            print(f"exported the Pareto front to {path}/")
+        else:
+            path = export_best(study, out)
+            print(f"exported the best trial to {path}/")
     return 0
+
+
+def _print_confirmation(summary: dict) -> None:
+    rows = summary["rows"]
+    if not rows:
+        return
+    print("confirmation (ranked by confirmed mean):")
+    print("  rank  trial  pattern  short-run  confirmed mean ± std  runs")
+    for i, c in enumerate(rows, 1):
+        print(f"  {i:<4}  {c.trial.number:<5}  {c.trial.user_attrs.get('pattern', '?'):<7}  "
+              f"{c.trial.values[0]:.4f}     {c.mean:.4f} ± {c.std:.4f}         {len(c.values)}")
+    rho = summary["spearman"]
+    print(f"  Spearman(short-run, confirmed) = {rho:.3f}" if rho is not None
+          else "  Spearman(short-run, confirmed): needs at least two confirmed trials with distinct values")
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     import optuna
 
     from hybridnas import search
+    from hybridnas.confirm import summarize
+    from hybridnas.plots import importances
 
     name, storage = _space_or_study(args.study, args.storage)
     study = search.load_study(name, storage)
-    trials = study.get_trials(deepcopy=False)
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    trials = [t for t in study.get_trials(deepcopy=False) if "over_cap" not in t.user_attrs]
+    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
     if args.sort == "score":
         def key(t):
-            v = t.value if t.value is not None and math.isfinite(t.value) else None
+            v = t.values[0] if t.values and math.isfinite(t.values[0]) else None
             return (v is None, -(v or 0) if maximize else (v or 0), t.number)
 
         trials = sorted(trials, key=key)
     if args.top:
         trials = trials[:args.top]
-    header = ["#", "state", "pattern", "params", "state_bytes", "score", "duration", "note"]
+    names = study.metric_names or [study.user_attrs.get("objective", "value")]
+    header = ["#", "state", "pattern", "params", "state_bytes", "score: " + "/".join(names), "duration", "note"]
     rows = []
     for t in trials:
         dur = t.duration.total_seconds() if t.duration is not None else None
@@ -99,30 +155,41 @@ def cmd_show(args: argparse.Namespace) -> int:
         if "duplicate_of" in t.user_attrs:
             note = f"duplicate of #{t.user_attrs['duplicate_of']}"
         if t.state == optuna.trial.TrialState.PRUNED:
-            note = f"pruned at step {t.user_attrs.get('pruned_at_step', t.last_step)}"
+            note = ("infeasible: " + t.user_attrs["infeasible"]) if "infeasible" in t.user_attrs else \
+                f"pruned at step {t.user_attrs.get('pruned_at_step', t.last_step)}"
+        if t.state == optuna.trial.TrialState.FAIL and not note:
+            note = "interrupted (re-run on resume)"
         rows.append([str(t.number), t.state.name, str(t.user_attrs.get("pattern", "?")),
                      f"{t.user_attrs['params']:,}" if "params" in t.user_attrs else "-",
                      f"{t.user_attrs['state_bytes']:,}" if "state_bytes" in t.user_attrs else "-",
-                     f"{t.value:.4f}" if t.value is not None else "-",
-                     f"{dur:.1f}s" if dur is not None else "-", note])
+                     _fmt_values(t.values), f"{dur:.1f}s" if dur is not None else "-", note])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    print(f"study {study.study_name!r}: {len(study.trials)} trials, {study.direction.name.lower()} "
-          f"{study.user_attrs.get('objective', 'value')}")
+    print(f"study {study.study_name!r}: {len(trials)} trials, "
+          + ", ".join(f"{d.name.lower()} {n}" for d, n in zip(study.directions, names, strict=False)))
     for r in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     best = search.best_trial(study)
     if best is not None:
         print(f"best: trial {best.number} ({best.value:.4f}) {best.user_attrs.get('pattern')}")
+    elif len(study.directions) > 1:
+        print("Pareto front: " + ", ".join(f"#{t.number}" for t in study.best_trials))
+    imp = importances(study)
+    if imp:
+        print("parameter importances (" + names[0] + "): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in list(imp.items())[:8]))
+    _print_confirmation(summarize(study))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from hybridnas import search
-    from hybridnas.export import export_best, export_trial
+    from hybridnas.export import export_best, export_pareto, export_trial
 
     name, storage = _space_or_study(args.study, args.storage)
     study = search.load_study(name, storage)
-    if args.trial is not None:
+    if args.pareto:
+        path = export_pareto(study, args.out)
+    elif args.trial is not None:
         matches = [t for t in study.trials if t.number == args.trial]
         if not matches:
             print(f"error: study {name!r} has no trial {args.trial}", file=sys.stderr)
@@ -131,6 +198,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         path = export_best(study, args.out)
     print(f"exported to {path}/")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from hybridnas import search
+    from hybridnas.plots import plot_study
+
+    name, storage = _space_or_study(args.study, args.storage)
+    written = plot_study(search.load_study(name, storage), args.out, top_fraction=args.top_fraction)
+    for p in written:
+        print(p)
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from hybridnas import search
+    from hybridnas.storage import find_storage, make_storage
+
+    name, storage = _space_or_study(args.study, args.storage)
+    url = storage or find_storage(name)
+    search.load_study(name, url)  # a clear error for a missing study, before the server starts
+    try:
+        import optuna_dashboard
+    except ImportError:
+        print("error: optuna-dashboard is not installed: pip install optuna-dashboard", file=sys.stderr)
+        return 2
+    print(f"optuna-dashboard for {url} on http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
+    optuna_dashboard.run_server(make_storage(url), host=args.host, port=args.port)
     return 0
 
 
@@ -171,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="sampler seed (overrides search.seed)")
     s.add_argument("--export", metavar="DIR", help="export the best trial to DIR when done")
     s.add_argument("--quiet", action="store_true", help="no progress bar or per-trial lines")
+    s.add_argument("--workers", type=int, help="local worker processes on this study (default: search.workers)")
+    s.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--confirm-top", type=int, metavar="K", help="re-train the K best with more seeds and steps")
+    s.add_argument("--confirm-seeds", type=int, metavar="S", help="seeds per confirmed trial (default 3)")
+    s.add_argument("--confirm-budget", type=float, metavar="X", help="steps multiplier for confirmation (default 4)")
     s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("show", help="print a table of a study's trials")
@@ -184,8 +284,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("study", help="study name, or the search-space YAML")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--trial", type=int, help="trial number (default: the best)")
+    s.add_argument("--pareto", action="store_true", help="export every Pareto-optimal trial (multi-objective)")
     s.add_argument("--storage")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("plot", help="write PNG plots of a study")
+    s.add_argument("study", help="study name, or the search-space YAML")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--top-fraction", type=float, default=0.25, help="best trials used for the symbol heatmap")
+    s.add_argument("--storage")
+    s.set_defaults(func=cmd_plot)
+
+    s = sub.add_parser("dashboard", help="start optuna-dashboard on a study's storage")
+    s.add_argument("study", help="study name, or the search-space YAML")
+    s.add_argument("--storage")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080)
+    s.set_defaults(func=cmd_dashboard)
 
     s = sub.add_parser("train", help="train one architecture YAML and print its metrics")
     s.add_argument("arch", help="architecture YAML (or an export's architecture.yaml)")
@@ -209,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -103,11 +103,31 @@ class Range:
     step: float | None = None
 
 
+#: what a trial can be scored on, and which way is better
+METRICS = {"accuracy": "maximize", "loss": "minimize", "params": "minimize", "state_bytes": "minimize",
+           "tokens_per_s": "maximize"}
+#: budgets: which metric each constrains and in which direction (max = upper bound, min = lower bound)
+CONSTRAINTS = {"params": "max", "state_bytes": "max", "tokens_per_s": "min"}
+
+
 @dataclass
 class SearchSettings:
     n_trials: int = 20
     timeout: float | None = None  # seconds for the whole search (per worker)
     objective: Literal["accuracy", "loss"] = "accuracy"
+    # several objectives give a Pareto front (no pruning); the first must be accuracy or loss
+    objectives: list[Literal["accuracy", "loss", "params", "state_bytes", "tokens_per_s"]] | None = None
+    # budgets as Optuna constraints: params and state_bytes are upper bounds, tokens_per_s a lower bound;
+    # checked before training, an infeasible trial is not trained
+    constraints: dict[str, float] = field(default_factory=dict)
+    state_seq_len: int | None = None  # decode-state bytes are measured at this length (default: task seq_len)
+    latency_batch: int = 1  # decode throughput (tokens/s of a step) is measured at this batch size
+    workers: int = 1  # local worker processes (journal file storage by default when > 1)
+    heartbeat_interval: int = 30  # seconds; a worker silent for grace_period has its trial failed and retried
+    grace_period: int = 120
+    confirm_top: int = 0  # re-train the top K with confirm_seeds seeds and confirm_budget x the steps
+    confirm_seeds: int = 3
+    confirm_budget: float = 4.0
     sampler: Literal["tpe", "random", "gp", "nsga2", "cmaes", "qmc"] = "tpe"
     pruner: Literal["hyperband", "median", "sha", "none"] = "hyperband"
     n_startup_trials: int = 5  # TPE's random start
@@ -135,8 +155,17 @@ class SearchSpace:
     text: str = ""  # the YAML as written, stored with the study
 
     def patterns(self) -> list[str]:
+        """The explicit pattern choices ([] for a genome or ratio space)."""
         p = self.model.get("pattern", ModelConfig.pattern)
-        return list(p) if isinstance(p, list) else [p]
+        if isinstance(p, str):
+            return [p]
+        return list(p) if isinstance(p, list) else []
+
+    def directions(self) -> list[str]:
+        return [METRICS[m] for m in self.objective_names()]
+
+    def objective_names(self) -> list[str]:
+        return list(self.search.objectives) if self.search.objectives else [self.search.objective]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -444,7 +473,11 @@ def _parse_model_space(data: Any, src: Source, task_vocab: int, searchable: bool
         if key not in names:
             raise src.error(path, f"unknown key {key!r}" + _suggest(key, names) + f"; known keys: {', '.join(names)}")
         if key == "pattern":
-            if isinstance(value, list) and searchable:
+            if isinstance(value, dict) and searchable:
+                from hybridnas.pattern_space import parse_pattern_space
+
+                out[key] = parse_pattern_space(value, path, src)
+            elif isinstance(value, list) and searchable:
                 if not value:
                     raise src.error(path, "an empty list of patterns")
                 out[key] = [_check_pattern(p, path + (i,), src) for i, p in enumerate(value)]
@@ -490,8 +523,11 @@ def _parse_model_space(data: Any, src: Source, task_vocab: int, searchable: bool
                             f"({task_vocab})")
     pats = out.get("pattern", ModelConfig.pattern)
     used = set()
-    for p in (pats if isinstance(pats, list) else [pats]):
-        used.update(patterns.used_symbols(p))
+    if hasattr(pats, "used_symbols"):
+        used.update(pats.used_symbols())
+    else:
+        for p in (pats if isinstance(pats, list) else [pats]):
+            used.update(patterns.used_symbols(p))
     d_models = [int(d) for d in value_options(out.get("d_model", ModelConfig.d_model))]
     _check_layer_combos(d_models, out.get("layers", {}), used, src)
     return out
@@ -525,6 +561,34 @@ def _task_vocab(task: TaskSpec) -> int:
     return int(task.params.get("vocab_size", 0))
 
 
+def _check_search(search: SearchSettings, src: Source) -> None:
+    for name in ("workers", "heartbeat_interval", "grace_period", "confirm_seeds", "latency_batch"):
+        if getattr(search, name) < 1:
+            raise src.error(("search", name), f"must be at least 1, got {getattr(search, name)}")
+    if search.confirm_top < 0:
+        raise src.error(("search", "confirm_top"), "must be >= 0")
+    if search.confirm_budget <= 0:
+        raise src.error(("search", "confirm_budget"), "must be positive")
+    if search.grace_period <= search.heartbeat_interval:
+        raise src.error(("search", "grace_period"), f"must exceed heartbeat_interval ({search.heartbeat_interval})")
+    if search.state_seq_len is not None and search.state_seq_len < 1:
+        raise src.error(("search", "state_seq_len"), "must be positive or null")
+    if search.objectives is not None:
+        if not search.objectives:
+            raise src.error(("search", "objectives"), "an empty list; leave it out for one objective")
+        if search.objectives[0] not in ("accuracy", "loss"):
+            raise src.error(("search", "objectives", 0), "the first objective must be accuracy or loss "
+                            "(the trained score); budgets follow it")
+        if len(set(search.objectives)) != len(search.objectives):
+            raise src.error(("search", "objectives"), "an objective is listed twice")
+    for key, value in search.constraints.items():
+        if key not in CONSTRAINTS:
+            raise src.error(("search", "constraints", key), f"unknown constraint {key!r}"
+                            + _suggest(key, CONSTRAINTS) + f"; known: {', '.join(CONSTRAINTS)}")
+        if not value > 0:
+            raise src.error(("search", "constraints", key), f"must be positive, got {value}")
+
+
 def load_space(path: str | None = None, *, text: str | None = None, file: str = "<space>") -> SearchSpace:
     """Read and fully validate a search-space YAML (from ``path`` or ``text``)."""
     if text is None:
@@ -550,6 +614,7 @@ def load_space(path: str | None = None, *, text: str | None = None, file: str = 
             raise src.error(("search", fld), f"must be positive, got {getattr(search, fld)}")
     if search.timeout is not None and search.timeout <= 0:
         raise src.error(("search", "timeout"), "must be positive or null")
+    _check_search(search, src)
     export = parse_dataclass(ExportSettings, data.get("export"), ("export",), src)
     return SearchSpace(name, task, model, train, search, export, symbols, src, text)
 

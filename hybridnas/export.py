@@ -110,7 +110,10 @@ def _history_png(study) -> bytes | None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ax = optuna.visualization.matplotlib.plot_optimization_history(study)
+        multi = len(study.directions) > 1
+        ax = optuna.visualization.matplotlib.plot_optimization_history(
+            study, target=(lambda t: t.values[0]) if multi else None,
+            target_name=(study.metric_names or ["Objective Value"])[0])
     fig = ax.figure
     fig.set_size_inches(7, 4)
     fig.tight_layout()
@@ -155,7 +158,9 @@ def model_card(arch: ArchConfig, trial, study, metrics: dict[str, Any], n_params
     for sym, params in resolved_layers(arch.model).items():
         lines.append(f"| `{sym}` | " + ", ".join(f"{k}={v}" for k, v in params.items()) + " |")
     lines += ["", "## Metrics (validation, best evaluation of the short run)", "", "| metric | value |", "|---|---|"]
-    lines.append(f"| objective ({objective}) | {_fmt(trial.value)} |")
+    names = study.metric_names or [objective]
+    for name, v in zip(names, trial.values or [], strict=False):
+        lines.append(f"| objective: {name} | {_fmt(v)} |")
     for k, v in metrics.items():
         lines.append(f"| {k} | {_fmt(v)} |")
     if "state_bytes" in trial.user_attrs:
@@ -163,14 +168,15 @@ def model_card(arch: ArchConfig, trial, study, metrics: dict[str, Any], n_params
                      f"{trial.user_attrs['state_bytes']:,} |")
     lines += ["", "## Search", "",
               f"- trials: {len(study.trials)} ({', '.join(f'{k.lower()} {v}' for k, v in n.items() if v)})",
-              f"- direction: {study.direction.name.lower()} {objective}",
+              "- directions: " + ", ".join(f"{d.name.lower()} {n}" for d, n in zip(study.directions, names,
+                                                                                       strict=False)),
               "- sampled parameters of this trial: " + ", ".join(f"`{k}`={_fmt(v)}" for k, v in trial.params.items()),
               "", "![optimization history](optimization_history.png)", ""]
     return "\n".join(lines)
 
 
-def export_trial(study, trial, out_dir: str | Path, *, retrain_if_missing: bool = True,
-                 log=print) -> Path:
+def export_trial(study, trial, out_dir: str | Path, *, retrain_if_missing: bool = True, log=print,
+                 weights_dir: str | None = None, confirmed: dict[str, Any] | None = None) -> Path:
     """Write the export folder for ``trial``: weights from its checkpoint, or retrained when absent."""
     from hybridnas.config import load_arch as _load
 
@@ -179,8 +185,10 @@ def export_trial(study, trial, out_dir: str | Path, *, retrain_if_missing: bool 
     if arch_dict is None:
         raise ValueError(f"trial {trial.number} has no recorded architecture (was it made by hybridnas search?)")
     arch = _load(data=arch_dict, file=f"study {study.study_name} trial {trial.number}")
-    weights_dir = trial.user_attrs.get("weights")
+    weights_dir = weights_dir or trial.user_attrs.get("weights")
     metrics = dict(trial.user_attrs.get("metrics", {}))
+    if confirmed:
+        metrics.update({f"confirmed_{k}": v for k, v in confirmed.items()})
     model = None
     if weights_dir and (Path(weights_dir) / WEIGHTS_FILE).exists():
         model = build_model(weights_dir)
@@ -201,20 +209,59 @@ def export_trial(study, trial, out_dir: str | Path, *, retrain_if_missing: bool 
     png = _history_png(study)
     if png is not None:
         atomic_write_bytes(out / "optimization_history.png", png)
-    write_json(out / "trial.json", {"study": study.study_name, "trial": trial.number, "value": trial.value,
+    write_json(out / "trial.json", {"study": study.study_name, "trial": trial.number, "values": trial.values,
                                     "params": trial.params, "metrics": metrics})
     return out
 
 
+def _finite(t) -> bool:
+    return bool(t.values) and all(math.isfinite(v) for v in t.values)
+
+
 def export_best(study, out_dir: str | Path, **kw) -> Path:
+    """Export the winner: by confirmed mean when a confirmation ran, else by the (primary) objective."""
     import optuna
 
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None
-            and math.isfinite(t.value)]
+    from hybridnas.confirm import confirmed
+
+    rows = [c for c in confirmed(study) if c.values]
+    if rows:
+        top = rows[0]
+        return export_trial(study, top.trial, out_dir, weights_dir=top.weights,
+                            confirmed={"mean": top.mean, "std": top.std, "runs": len(top.values)}, **kw)
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if _finite(t)]
     if not done:
         raise ValueError(f"study {study.study_name!r} has no completed trial to export")
-    best = study.best_trial
+    if len(study.directions) > 1:
+        maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+        front = [t for t in study.best_trials if _finite(t)]
+        best = sorted(front, key=lambda t: -t.values[0] if maximize else t.values[0])[0]
+    else:
+        best = study.best_trial
     return export_trial(study, best, out_dir, **kw)
+
+
+def export_pareto(study, out_dir: str | Path, **kw) -> Path:
+    """Every Pareto-optimal trial to ``out_dir/trial-NNNNN/`` plus ``pareto.json`` and a README table."""
+    out = Path(out_dir)
+    front = sorted((t for t in study.best_trials if _finite(t)), key=lambda t: t.number)
+    if not front:
+        raise ValueError(f"study {study.study_name!r} has no completed trial to export")
+    names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
+    rows = []
+    for t in front:
+        export_trial(study, t, out / f"trial-{t.number:05d}", **kw)
+        rows.append({"trial": t.number, "pattern": t.user_attrs.get("pattern"), "folder": f"trial-{t.number:05d}",
+                     **dict(zip(names, t.values, strict=False))})
+    write_json(out / "pareto.json", {"study": study.study_name, "objectives": names,
+                                     "directions": [d.name.lower() for d in study.directions], "front": rows})
+    lines = [f"# Pareto front of study `{study.study_name}`", "",
+             "| trial | pattern | " + " | ".join(names) + " | folder |", "|---" * (len(names) + 3) + "|"]
+    for r in rows:
+        lines.append(f"| {r['trial']} | `{r['pattern']}` | " + " | ".join(_fmt(r[n]) for n in names)
+                     + f" | [{r['folder']}]({r['folder']}/) |")
+    atomic_write_text(out / "README.md", "\n".join(lines) + "\n")
+    return out
 
 
 def dumps_config(arch: ArchConfig) -> str:

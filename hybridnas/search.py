@@ -1,13 +1,18 @@
-"""Search space -> Optuna trial -> objective; the study, its storage, resuming and failures.
+"""Search space -> Optuna trial -> objective; the study, resuming, budgets, failures and the trial cap.
 
-Parameter names in the study: model fields by name (``pattern``, ``d_model``), per-symbol parameters as
-``SYMBOL.param`` (``A.n_heads``), training fields by name (``lr``, ``batch_size``). A per-symbol parameter
-is only suggested when the sampled pattern uses the symbol, so unused symbols never split the space.
+Parameter names in the study: model fields by name (``pattern``, ``d_model``), genome/ratio genes as
+``pattern.length``, ``pattern.pos3``, ``pattern.share.A``, per-symbol parameters as ``SYMBOL.param``
+(``A.n_heads``), training fields by name (``lr``). A per-symbol parameter is only suggested when the sampled
+pattern uses the symbol, so unused symbols never split the space.
 
 Every trial records as user attributes: the pattern, its canonical form, the architecture key, exact
-parameter count, decode state bytes at the task's sequence length, the training metrics, the full
-architecture (to rebuild it), and for failures a ``fail_reason``. A trial whose full configuration equals
-an already completed one is not retrained: it reuses that value and says so (``duplicate_of``).
+parameter count, decode state bytes, decode throughput when measured, the training metrics, the full
+architecture (to rebuild it), and for failures a ``fail_reason``. A trial whose full configuration equals an
+already completed one is not retrained: it reuses that value and says so (``duplicate_of``).
+
+Budgets (``search.constraints``) become Optuna constraints (``trial.set_constraint``; feasible when <= 0).
+They are known before training, so an infeasible candidate is recorded (PRUNED, ``infeasible``) and never
+trained. One objective keeps pruning; several objectives give a Pareto front and no pruning.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import time
 import warnings
 from dataclasses import asdict
@@ -28,6 +34,7 @@ from optuna.exceptions import ExperimentalWarning
 
 from hybridnas import patterns
 from hybridnas.config import (
+    CONSTRAINTS,
     ArchConfig,
     ModelConfig,
     Range,
@@ -38,11 +45,8 @@ from hybridnas.config import (
     value_options,
 )
 from hybridnas.model import HybridLM
+from hybridnas.storage import RUNS_DIR, default_storage, load_study, make_storage  # noqa: F401 (re-exported)
 
-RUNS_DIR = "runs"
-
-# heartbeats, the stale-trial retry callback and QMC are stable in practice but still flagged experimental
-warnings.filterwarnings("ignore", category=ExperimentalWarning, module="hybridnas")
 warnings.filterwarnings("ignore", category=ExperimentalWarning, module="optuna")
 
 
@@ -53,13 +57,12 @@ class InvalidTrialConfig(ValueError):
 # ---------------------------------------------------------------------------------------------- sampling
 
 
-def _suggest(trial: optuna.Trial, name: str, value: Any) -> Any:
+def suggest(trial: optuna.Trial, name: str, value: Any) -> Any:
+    """Fixed value -> itself; list -> categorical; Range -> int or float parameter."""
     if isinstance(value, list):
         return trial.suggest_categorical(name, value)
     if isinstance(value, Range):
         if isinstance(value.low, int) and isinstance(value.high, int):
-            if isinstance(value.step, float):
-                return trial.suggest_float(name, value.low, value.high, step=value.step)
             return trial.suggest_int(name, value.low, value.high, step=value.step or 1, log=value.log)
         return trial.suggest_float(name, float(value.low), float(value.high), log=value.log, step=value.step)
     return value
@@ -67,21 +70,31 @@ def _suggest(trial: optuna.Trial, name: str, value: Any) -> Any:
 
 def sample_arch(space: SearchSpace, trial: optuna.Trial) -> ArchConfig:
     """Ask ``trial`` for every searchable value of ``space``; return the concrete architecture."""
+    from hybridnas.pattern_space import RepairError, sample_pattern
+
     m = space.model
-    pattern = _suggest(trial, "pattern", m.get("pattern", ModelConfig.pattern))
+    pspace = m.get("pattern", ModelConfig.pattern)
+    if hasattr(pspace, "used_symbols"):
+        try:
+            pattern, notes = sample_pattern(pspace, trial, suggest)
+        except RepairError as e:
+            raise InvalidTrialConfig(f"sampled genome cannot meet the count bounds: {e}") from None
+        for k, v in notes.items():
+            trial.set_user_attr(k, v)
+    else:
+        pattern = suggest(trial, "pattern", pspace)
     model_kwargs: dict[str, Any] = {}
     for key, value in m.items():
         if key in ("pattern", "layers"):
             continue
-        model_kwargs[key] = _suggest(trial, key, value)
+        model_kwargs[key] = suggest(trial, key, value)
     used = set(patterns.used_symbols(pattern))
     layers: dict[str, dict[str, Any]] = {}
     for sym, params in m.get("layers", {}).items():
-        if sym not in used:
-            continue
-        layers[sym] = {k: _suggest(trial, f"{sym}.{k}", v) for k, v in params.items()}
+        if sym in used:
+            layers[sym] = {k: suggest(trial, f"{sym}.{k}", v) for k, v in params.items()}
     model = ModelConfig(pattern=pattern, layers=layers, **model_kwargs)
-    train = TrainConfig(**{k: _suggest(trial, k, v) for k, v in space.train.items()})
+    train = TrainConfig(**{k: suggest(trial, k, v) for k, v in space.train.items()})
     bad = check_train(train)
     if bad:
         raise InvalidTrialConfig("; ".join(f"train.{f}: {msg}" for f, msg in bad))
@@ -99,39 +112,45 @@ def task_seq_len(arch: ArchConfig) -> int:
     return int(arch.task.params.get("seq_len", 0) or 0)
 
 
+@torch.no_grad()
+def decode_tokens_per_s(model: HybridLM, batch: int = 1, prompt: int = 16, steps: int = 32,
+                        device: torch.device | str = "cpu") -> float:
+    """Measured decoding throughput: tokens/s of ``model.step`` after a short prefill (random weights)."""
+    model = model.to(device).eval()
+    x = torch.randint(0, model.cfg.vocab_size, (batch, prompt), device=device)
+    _, state = model.prefill(x)
+    tok = x[:, -1]
+    for _ in range(4):
+        _, state = model.step(tok, state)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        _, state = model.step(tok, state)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return batch * steps / max(time.perf_counter() - t0, 1e-9)
+
+
 # ---------------------------------------------------------------------------------------------- study setup
 
 
-def default_storage(study_name: str) -> str:
-    return f"sqlite:///{RUNS_DIR}/{study_name}.db"
-
-
-def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """SQLAlchemy URL -> RDB storage with heartbeats (a killed run's trial becomes FAIL and is retried);
-    anything else is a journal file path (several local processes)."""
-    if "://" in url:
-        if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=15, grace_period=60,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
-    Path(url).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
-
-
-def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
+def make_sampler(space: SearchSpace, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
     s = space.search
-    if s.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
-    if s.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
-    if s.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=s.seed)
-    if s.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=s.seed)
-    if s.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=s.seed)
-    return optuna.samplers.QMCSampler(seed=s.seed)
+    seed = None if s.seed is None else s.seed + seed_offset
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        if s.sampler == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials)
+        if s.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if s.sampler == "gp":
+            return optuna.samplers.GPSampler(seed=seed)
+        if s.sampler == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed)
+        if s.sampler == "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed)
+        return optuna.samplers.QMCSampler(seed=seed)
 
 
 def _budget(space: SearchSpace) -> tuple[int, int]:
@@ -144,47 +163,89 @@ def _budget(space: SearchSpace) -> tuple[int, int]:
 def make_pruner(space: SearchSpace) -> optuna.pruners.BasePruner:
     min_res, max_res = _budget(space)
     p = space.search.pruner
+    if len(space.objective_names()) > 1 or p == "none":
+        return optuna.pruners.NopPruner()  # Optuna prunes single-objective studies only
     if p == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=min_res, max_resource=max(max_res, min_res),
                                               reduction_factor=3)
     if p == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=min_res)
-    if p == "sha":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_res)
-    return optuna.pruners.NopPruner()
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_res)
 
 
 def direction(space: SearchSpace) -> str:
-    return "maximize" if space.search.objective == "accuracy" else "minimize"
+    return space.directions()[0]
 
 
-def open_study(space: SearchSpace, storage: str | None = None, study_name: str | None = None) -> optuna.Study:
+def resolve_storage(space: SearchSpace, storage: str | None, study_name: str | None, workers: int = 1) -> str:
     name = study_name or space.search.study_name or space.name
-    url = storage or space.search.storage or default_storage(name)
-    study = optuna.create_study(study_name=name, storage=make_storage(url), direction=direction(space),
-                                sampler=make_sampler(space), pruner=make_pruner(space), load_if_exists=True)
+    return storage or space.search.storage or default_storage(name, workers)
+
+
+def open_study(space: SearchSpace, storage: str | None = None, study_name: str | None = None, *,
+               workers: int = 1, seed_offset: int = 0) -> optuna.Study:
+    name = study_name or space.search.study_name or space.name
+    url = resolve_storage(space, storage, study_name, workers)
+    st = make_storage(url, space.search.heartbeat_interval, space.search.grace_period)
+    study = optuna.create_study(study_name=name, storage=st, directions=space.directions(),
+                                sampler=make_sampler(space, seed_offset), pruner=make_pruner(space),
+                                load_if_exists=True)
     if "space_yaml" not in study.user_attrs:
         study.set_user_attr("space_yaml", space.text)
         study.set_user_attr("space_file", space.source.file)
-        study.set_user_attr("objective", space.search.objective)
+        study.set_user_attr("objective", space.objective_names()[0])
+        study.set_user_attr("objectives", space.objective_names())
         study.set_user_attr("storage", url)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            study.set_metric_names(space.objective_names())
     return study
-
-
-def load_study(name: str, storage: str | None = None) -> optuna.Study:
-    url = storage or default_storage(name)
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
-        raise FileNotFoundError(f"no study storage at {url[len('sqlite:///'):]} (run `hybridnas search` first, "
-                                f"or pass --storage)")
-    try:
-        return optuna.load_study(study_name=name, storage=make_storage(url))
-    except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(make_storage(url))]
-        raise FileNotFoundError(f"no study named {name!r} in {url}; studies there: {names}") from None
 
 
 def trial_dir(study_name: str, number: int) -> Path:
     return Path(RUNS_DIR) / study_name / "trials" / f"{number:05d}"
+
+
+# ---------------------------------------------------------------------------------------------- budget count
+
+
+def counts_toward_budget(t: optuna.trial.FrozenTrial) -> bool:
+    """Finished trials count toward ``n_trials``: complete, pruned (also infeasible), and failures recorded
+    as data (OOM, divergence, invalid config). A trial failed by Ctrl-C or a killed worker has no
+    ``fail_reason`` and does not count, so it is re-run instead of losing budget to the interruption; a trial
+    started past the cap by a racing worker (``over_cap``) never counts."""
+    if "over_cap" in t.user_attrs:
+        return False
+    if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
+        return True
+    return t.state == optuna.trial.TrialState.FAIL and "fail_reason" in t.user_attrs
+
+
+def finished_count(study: optuna.Study) -> int:
+    return sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
+
+
+def _holds_a_ticket(t: optuna.trial.FrozenTrial) -> bool:
+    live = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    return counts_toward_budget(t) or (t.state in live and "over_cap" not in t.user_attrs)
+
+
+def over_cap(study: optuna.Study, trial_number: int, total: int) -> bool:
+    """True when ``total`` earlier trials already count or run: this one must not train.
+
+    Trial numbers are assigned by the storage in creation order, so every worker ranks the same way and at
+    most ``total`` trials ever train, however many workers race for the last slots."""
+    earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial_number and _holds_a_ticket(t)]
+    return len(earlier) >= total
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    if len(study.directions) > 1:
+        return None
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------- objective
@@ -193,13 +254,15 @@ def trial_dir(study_name: str, number: int) -> Path:
 class Objective:
     """Callable Optuna objective for one search space. Task data are built once and shared by all trials."""
 
-    def __init__(self, space: SearchSpace, study_name: str, *, quiet: bool = False):
+    def __init__(self, space: SearchSpace, study_name: str, *, total: int | None = None, quiet: bool = False):
         from hybridnas.tasks import build_task
 
         self.space = space
         self.study_name = study_name
         self.data = build_task(space.task.name, space.task.build_config())
+        self.total = total
         self.quiet = quiet
+        self.names = space.objective_names()
 
     def _duplicate(self, trial: optuna.Trial, key: str) -> optuna.trial.FrozenTrial | None:
         done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -208,14 +271,22 @@ class Objective:
                 return t
         return None
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def _fail(self, trial: optuna.Trial, reason: str, error: str) -> float | list[float]:
+        trial.set_user_attr("fail_reason", reason)
+        trial.set_user_attr("error", error[:500])
+        return math.nan if len(self.names) == 1 else [math.nan] * len(self.names)
+
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
         t0 = time.perf_counter()
+        if self.total is not None and over_cap(trial.study, trial.number, self.total):
+            trial.set_user_attr("over_cap", True)
+            trial.study.stop()
+            raise optuna.TrialPruned("the study already holds its trial cap")
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         try:
             arch = sample_arch(self.space, trial)
         except InvalidTrialConfig as e:
-            trial.set_user_attr("fail_reason", "invalid_config")
-            trial.set_user_attr("error", str(e))
-            return math.nan
+            return self._fail(trial, "invalid_config", str(e))
         model = arch.model
         trial.set_user_attr("pattern", model.pattern)
         trial.set_user_attr("canonical", patterns.to_primary(model.pattern))
@@ -226,95 +297,90 @@ class Objective:
         try:
             n_params = HybridLM.param_count(model)
         except (ValueError, TypeError) as e:
-            trial.set_user_attr("fail_reason", "invalid_config")
-            trial.set_user_attr("error", str(e))
-            return math.nan
+            return self._fail(trial, "invalid_config", str(e))
         trial.set_user_attr("params", n_params)
         dup = self._duplicate(trial, key)
         if dup is not None:
             trial.set_user_attr("duplicate_of", dup.number)
-            for k in ("state_bytes", "metrics", "weights"):
-                if k in dup.user_attrs:
-                    trial.set_user_attr(k, dup.user_attrs[k])
-            return float(dup.value)
-        return self._train(trial, arch, t0)
+            for k, v in dup.user_attrs.items():
+                if k in ("state_bytes", "tokens_per_s", "metrics", "weights") or k.startswith("mad/"):
+                    trial.set_user_attr(k, v)
+            return dup.values[0] if len(self.names) == 1 else list(dup.values)
+        return self._train(trial, arch, n_params, t0)
 
-    def _train(self, trial: optuna.Trial, arch: ArchConfig, t0: float) -> float:
+    def _budgets(self, trial: optuna.Trial, arch: ArchConfig, model: HybridLM, n_params: int) -> dict[str, float]:
+        s = self.space.search
+        seq = s.state_seq_len or task_seq_len(arch)
+        measured: dict[str, float] = {"params": n_params, "state_bytes": model.state_size(1, seq)}
+        trial.set_user_attr("state_bytes", measured["state_bytes"])
+        trial.set_user_attr("state_seq_len", seq)
+        if "tokens_per_s" in s.constraints or "tokens_per_s" in self.names:
+            from hybridnas.train import resolve_device
+
+            tps = decode_tokens_per_s(model, batch=s.latency_batch, device=resolve_device(arch.train.device))
+            model.to("cpu")
+            measured["tokens_per_s"] = tps
+            trial.set_user_attr("tokens_per_s", tps)
+        return measured
+
+    def _train(self, trial: optuna.Trial, arch: ArchConfig, n_params: int, t0: float) -> float | list[float]:
         from hybridnas.tasks import trainer_for
 
         train = trainer_for(arch.task.name)
-
-        objective = self.space.search.objective
+        primary = self.names[0]
+        multi = len(self.names) > 1
         out_dir = trial_dir(self.study_name, trial.number)
 
         def on_eval(step: int, ev: dict[str, float]) -> None:
-            value = ev[objective]
-            if math.isfinite(value):
+            value = ev[primary]
+            if not multi and math.isfinite(value):
                 trial.report(value, step)
                 if trial.should_prune():
                     trial.set_user_attr("pruned_at_step", step)
-                    raise optuna.TrialPruned(f"pruned at step {step} ({objective}={value:.4f})")
+                    raise optuna.TrialPruned(f"pruned at step {step} ({primary}={value:.4f})")
 
         hparams = {"pattern": arch.model.pattern, **{k: v for k, v in trial.params.items() if k != "pattern"}}
         try:
             model = HybridLM(arch.model)
-            trial.set_user_attr("state_bytes", model.state_size(1, task_seq_len(arch)))
+            measured = self._budgets(trial, arch, model, n_params)
+            violations = []
+            for name, bound in self.space.search.constraints.items():
+                value = measured[name] - bound if CONSTRAINTS[name] == "max" else bound - measured[name]
+                trial.set_constraint(name, float(value))
+                if value > 0:
+                    violations.append(f"{name}={measured[name]:.4g} vs {CONSTRAINTS[name]} {bound:.4g}")
+            if violations:
+                trial.set_user_attr("infeasible", "; ".join(violations))
+                raise optuna.TrialPruned("infeasible before training: " + "; ".join(violations))
             result = train(arch, self.data, on_eval=on_eval, model=model,
                            log_dir=str(Path(RUNS_DIR) / self.study_name / "tb" / f"trial-{trial.number:05d}"),
                            hparams=hparams)
         except optuna.TrialPruned:
             raise
         except torch.cuda.OutOfMemoryError as e:
-            trial.set_user_attr("fail_reason", "out_of_memory")
-            trial.set_user_attr("error", str(e)[:500])
-            return math.nan
+            return self._fail(trial, "out_of_memory", str(e))
         except (ValueError, RuntimeError) as e:
-            if "out of memory" in str(e).lower():
-                trial.set_user_attr("fail_reason", "out_of_memory")
-            else:
-                trial.set_user_attr("fail_reason", "error")
-            trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:500])
-            return math.nan
+            reason = "out_of_memory" if "out of memory" in str(e).lower() else "error"
+            return self._fail(trial, reason, f"{type(e).__name__}: {e}")
         metrics = {k: v for k, v in result.metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}
         trial.set_user_attr("metrics", metrics)
         for k, v in result.attrs.items():
             trial.set_user_attr(k, v)
         if result.metrics["stop_reason"] == "nan":
-            trial.set_user_attr("fail_reason", "diverged")
-            trial.set_user_attr("error", "loss became NaN or infinite")
-            return math.nan
-        value = result.metrics[objective]
+            return self._fail(trial, "diverged", "loss became NaN or infinite")
+        value = result.metrics[primary]
         if self.space.search.save_weights and isinstance(value, float) and math.isfinite(value):
             from hybridnas.export import save_checkpoint
 
             save_checkpoint(out_dir, arch, result.model)
             trial.set_user_attr("weights", str(out_dir))
         trial.set_user_attr("duration_s", time.perf_counter() - t0)
-        return float(value)
+        if not multi:
+            return float(value)
+        return [float(value)] + [float(measured[n]) for n in self.names[1:]]
 
 
 # ---------------------------------------------------------------------------------------------- driver
-
-
-def counts_toward_budget(t: optuna.trial.FrozenTrial) -> bool:
-    """Finished trials count toward ``n_trials``: complete, pruned, and failures recorded as data (OOM,
-    divergence, invalid config). A trial failed by Ctrl-C or a killed worker has no ``fail_reason`` and does
-    not count, so resuming re-runs it instead of losing budget to the interruption."""
-    state = t.state
-    if state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
-        return True
-    return state == optuna.trial.TrialState.FAIL and "fail_reason" in t.user_attrs
-
-
-def finished_count(study: optuna.Study) -> int:
-    return sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
-
-
-def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
 
 
 def _progress_callback(total: int, done: int, quiet: bool):
@@ -323,12 +389,14 @@ def _progress_callback(total: int, done: int, quiet: bool):
     bar = tqdm(total=total, initial=min(done, total), desc="trials", unit="trial", disable=quiet, dynamic_ncols=True)
 
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if "over_cap" in trial.user_attrs:
+            return
         bar.update(1)
         best = best_trial(study)
         if best is not None:
             bar.set_postfix(best=f"{best.value:.4f}", best_trial=best.number)
-        val = "-" if trial.value is None else f"{trial.value:.4f}"
-        reason = trial.user_attrs.get("fail_reason", "")
+        val = "-" if trial.values is None else "/".join(f"{v:.4g}" for v in trial.values)
+        reason = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("infeasible", "")
         dup = trial.user_attrs.get("duplicate_of")
         note = f" (duplicate of #{dup})" if dup is not None else (f" ({reason})" if reason else "")
         bar.write(f"trial {trial.number:3d} {trial.state.name:8s} {val:>8s}  {trial.user_attrs.get('pattern', '?')}"
@@ -338,38 +406,37 @@ def _progress_callback(total: int, done: int, quiet: bool):
 
 
 def run_search(space: SearchSpace, *, storage: str | None = None, study_name: str | None = None,
-               n_trials: int | None = None, timeout: float | None = None, quiet: bool = False) -> optuna.Study:
+               n_trials: int | None = None, timeout: float | None = None, quiet: bool = False,
+               workers: int = 1, seed_offset: int = 0) -> optuna.Study:
     """Run (or resume) the study until it holds ``n_trials`` finished trials. Returns the study.
 
-    KeyboardInterrupt propagates after Optuna has marked the running trial FAIL: the study stays consistent
-    and re-running the same command resumes it.
+    ``workers`` only picks the default storage (a journal file when several processes share the study);
+    :func:`hybridnas.workers.run_workers` starts the processes. KeyboardInterrupt propagates after Optuna has
+    marked the running trial FAIL: the study stays consistent and re-running the same command resumes it.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(space, storage, study_name)
+    study = open_study(space, storage, study_name, workers=workers, seed_offset=seed_offset)
     stored = study.user_attrs.get("space_yaml")
     if stored is not None and stored != space.text and not quiet:
         print(f"note: {space.source.file} changed since study {study.study_name!r} began; "
               "earlier trials keep the values they were sampled with")
     total = n_trials if n_trials is not None else space.search.n_trials
     done = finished_count(study)
-    remaining = total - done
-    if remaining <= 0:
+    if total - done <= 0:
         if not quiet:
             print(f"study {study.study_name!r} already has {done} finished trials (target {total}); nothing to run")
         return study
-    objective = Objective(space, study.study_name, quiet=quiet)
+    objective = Objective(space, study.study_name, total=total, quiet=quiet)
     bar, callback = _progress_callback(total, done, quiet)
+
     def cap(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if finished_count(study) >= total:
             study.stop()
 
     try:
-        study.optimize(objective, n_trials=remaining, timeout=timeout or space.search.timeout,
+        # n_trials is an upper bound only: `cap` stops the loop once the study (all workers) holds `total`
+        study.optimize(objective, n_trials=total * 4, timeout=timeout or space.search.timeout,
                        callbacks=[callback, cap], gc_after_trial=True)
     finally:
         bar.close()
     return study
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

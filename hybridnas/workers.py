@@ -1,0 +1,80 @@
+"""``hybridnas search --workers N``: N local processes on one study.
+
+Each worker is ``hybridnas search SPACE --storage URL --study NAME --worker-index i`` (so any other machine
+can join the same study by running the same command against a shared PostgreSQL URL). Workers get distinct
+sampler seeds (Optuna's advice for parallel TPE), one GPU each where there are GPUs, and a log file under
+``runs/<study>/workers/``. The trial cap is global: every worker stops once the study holds ``n_trials``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hybridnas.config import SearchSpace
+from hybridnas.storage import RUNS_DIR
+
+
+def worker_command(space_file: str, storage: str, study: str, n_trials: int, index: int,
+                   timeout: float | None = None, seed: int | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "hybridnas.cli", "search", space_file, "--storage", storage, "--study", study,
+           "--n-trials", str(n_trials), "--worker-index", str(index), "--quiet"]
+    if timeout is not None:
+        cmd += ["--timeout", str(timeout)]
+    if seed is not None:
+        cmd += ["--seed", str(seed)]
+    return cmd
+
+
+def run_workers(space: SearchSpace, n: int, *, storage: str, study_name: str, n_trials: int,
+                timeout: float | None = None, seed: int | None = None, quiet: bool = False) -> int:
+    """Start ``n`` worker processes and wait for them; returns the number that exited non-zero."""
+    from tqdm.auto import tqdm
+
+    from hybridnas.search import finished_count
+    from hybridnas.storage import load_study
+
+    log_dir = Path(RUNS_DIR) / study_name / "workers"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    gpus = torch.cuda.device_count()
+    procs: list[subprocess.Popen] = []
+    logs = []
+    for i in range(n):
+        env = dict(os.environ)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        log = open(log_dir / f"worker-{i}.log", "ab")
+        logs.append(log)
+        procs.append(subprocess.Popen(worker_command(space.source.file, storage, study_name, n_trials, i, timeout,
+                                                     seed), stdout=log, stderr=subprocess.STDOUT, env=env))
+    bar = tqdm(total=n_trials, desc=f"trials ({n} workers)", unit="trial", disable=quiet, dynamic_ncols=True)
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(2)
+            try:
+                done = finished_count(load_study(study_name, storage))
+                bar.n = min(done, n_trials)
+                bar.refresh()
+            except Exception:  # the study may not exist for the first moments
+                pass
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait()
+        raise
+    finally:
+        bar.close()
+        for log in logs:
+            log.close()
+    failed = sum(p.returncode != 0 for p in procs)
+    if failed and not quiet:
+        print(f"{failed} worker(s) exited with an error; see {log_dir}/")
+    return failed

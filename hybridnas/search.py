@@ -399,6 +399,8 @@ def _progress_callback(total: int, done: int, quiet: bool):
         reason = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("infeasible", "")
         dup = trial.user_attrs.get("duplicate_of")
         note = f" (duplicate of #{dup})" if dup is not None else (f" ({reason})" if reason else "")
+        if quiet:
+            return
         bar.write(f"trial {trial.number:3d} {trial.state.name:8s} {val:>8s}  {trial.user_attrs.get('pattern', '?')}"
                   f"  params={trial.user_attrs.get('params', '?')}{note}")
 

@@ -1,0 +1,127 @@
+"""Several worker processes on one study: global cap, kill -9 of a worker, retry, resume; journal and PostgreSQL.
+
+The PostgreSQL run needs a server: set HYBRIDNAS_TEST_POSTGRES=postgresql://user:pw@127.0.0.1:5432/db
+(`.ci/run` installs and starts one). Without it that case is skipped with the reason.
+"""
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+
+import optuna
+import pytest
+
+from hybridnas import search
+from hybridnas.config import load_space
+from hybridnas.storage import load_study
+from hybridnas.workers import worker_command
+
+pytestmark = pytest.mark.slow
+
+SPACE = """\
+name: {name}
+task: {{name: mqar, vocab_size: 32, seq_len: 16, num_kv_pairs: 2, num_train: 256, num_test: 32}}
+model:
+  d_model: [16, 32]
+  pattern: ["AA", "A-", "AE", "-A"]
+  layers: {{A: {{n_heads: [1, 2]}}, E: {{n_experts: 2, top_k: 1}}}}
+train: {{steps: 300, batch_size: 16, eval_every: 100, warmup_steps: 5, target_accuracy: null,
+        lr: {{low: 1.0e-3, high: 1.0e-2, log: true}}, threads: 1}}
+search: {{n_trials: 6, sampler: random, pruner: none, seed: 0, heartbeat_interval: 1, grace_period: 3,
+         save_weights: false}}
+"""
+
+
+def postgres_url() -> str | None:
+    url = os.environ.get("HYBRIDNAS_TEST_POSTGRES")
+    if not url:
+        return None
+    try:
+        import sqlalchemy
+
+        with sqlalchemy.create_engine(url).connect():
+            return url
+    except Exception:
+        return None
+
+
+def _storages():
+    yield pytest.param("journal", id="journal-file")
+    url = postgres_url()
+    reason = ("HYBRIDNAS_TEST_POSTGRES is not set" if not os.environ.get("HYBRIDNAS_TEST_POSTGRES")
+              else "no PostgreSQL server answers at HYBRIDNAS_TEST_POSTGRES")
+    yield pytest.param(url or "postgresql", id="postgresql",
+                       marks=pytest.mark.skipif(url is None, reason=reason + " (CI starts one)"))
+
+
+def _wait(procs, timeout):
+    deadline = time.time() + timeout
+    for p in procs:
+        p.wait(timeout=max(1, deadline - time.time()))
+
+
+def _completed_snapshot(study):
+    return {t.number: (t.values, t.params, t.user_attrs) for t in study.get_trials(
+        deepcopy=True, states=(optuna.trial.TrialState.COMPLETE,))}
+
+
+@pytest.mark.parametrize("storage", list(_storages()))
+def test_three_workers_cap_kill_retry_resume(storage, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    name = f"workers_{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE.format(name=name))
+    url = str(tmp_path / "runs" / f"{name}.journal") if storage == "journal" else storage
+    space = load_space(str(path))
+    search.open_study(space, url, name)  # created once, before the workers race for it
+
+    logs = [open(tmp_path / f"w{i}.log", "wb") for i in range(3)]
+    procs = [subprocess.Popen(worker_command(str(path), url, name, 6, i), stdout=logs[i], stderr=subprocess.STDOUT)
+             for i in range(3)]
+    pids = {p.pid: p for p in procs}
+    killed_trial = None
+    try:
+        deadline = time.time() + 120
+        while killed_trial is None and time.time() < deadline:
+            time.sleep(0.3)
+            for t in load_study(name, url).get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                pid = int(str(t.user_attrs.get("worker", ":0")).rsplit(":", 1)[1])
+                started = t.datetime_start.timestamp() if t.datetime_start else time.time()
+                if pid in pids and "params" in t.user_attrs and time.time() - started > 0.5:
+                    os.kill(pid, signal.SIGKILL)
+                    killed_trial = t.number
+                    victim = pids.pop(pid)
+                    victim.wait()
+                    break
+        assert killed_trial is not None, "no running trial to kill"
+        _wait(list(pids.values()), 240)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for log in logs:
+            log.close()
+    assert all(p.returncode == 0 for p in pids.values()), [(tmp_path / f"w{i}.log").read_text()[-2000:]
+                                                            for i in range(3)]
+
+    study = load_study(name, url)
+    states = {t.number: t.state for t in study.trials}
+    assert states[killed_trial] == optuna.trial.TrialState.FAIL
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed_trial]
+    assert retries and retries[0].state == optuna.trial.TrialState.COMPLETE
+    assert retries[0].params == study.trials[killed_trial].params
+    assert search.finished_count(study) == 6  # the cap holds across workers
+    assert sum(s == optuna.trial.TrialState.COMPLETE for s in states.values()) == 6
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    before = _completed_snapshot(study)
+
+    # re-running resumes: two more trials, every completed trial and its attributes intact
+    rc = subprocess.run(worker_command(str(path), url, name, 8, 0), capture_output=True, timeout=240).returncode
+    assert rc == 0
+    after_study = load_study(name, url)
+    assert search.finished_count(after_study) == 8
+    after = _completed_snapshot(after_study)
+    for number, snap in before.items():
+        assert after[number] == snap

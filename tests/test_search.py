@@ -208,3 +208,13 @@ def test_seeded_search_is_reproducible(runs):
     va = [t.value for t in a.trials]
     vb = [t.value for t in b.trials]
     assert all((x == y) or (x is None and y is None) or (math.isnan(x) and math.isnan(y)) for x, y in zip(va, vb))
+
+
+def test_aliases_are_canonicalized_so_equal_architectures_are_not_retrained(runs):
+    text = SPACE.replace('["AA", "A-", "(AE)x1"]', '["A-", "AF", "(AF)x1"]').replace("[16, 32]", "16") \
+        .replace("[1, 2]", "2").replace("{low: 1.0e-3, high: 1.0e-2, log: true}", "3.0e-3") \
+        .replace("n_trials: 4", "n_trials: 4\n  sampler: random")
+    study = search.run_search(load_space(text=text.replace("name: tiny", "name: canon"), file="c.yaml"), quiet=True)
+    first = study.trials[0]
+    assert {t.user_attrs["canonical"] for t in study.trials} == {"AF"}
+    assert all(t.user_attrs.get("duplicate_of") == first.number for t in study.trials[1:])

@@ -125,3 +125,19 @@ def test_three_workers_cap_kill_retry_resume(storage, tmp_path, monkeypatch):
     after = _completed_snapshot(after_study)
     for number, snap in before.items():
         assert after[number] == snap
+
+
+def test_cli_workers_use_a_journal_file_by_default(tmp_path, monkeypatch, capsys):
+    from hybridnas.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE.format(name="cliw").replace("steps: 300", "steps: 20").replace("n_trials: 6", "n_trials: 4"))
+    assert main(["search", str(path), "--workers", "2", "--quiet"]) == 0
+    assert (tmp_path / "runs" / "cliw.journal").exists()
+    assert not (tmp_path / "runs" / "cliw.db").exists()
+    study = load_study("cliw")  # found without --storage
+    assert search.finished_count(study) == 4
+    workers = {t.user_attrs["worker"] for t in study.trials if "worker" in t.user_attrs}
+    assert len(workers) == 2  # both processes took trials
+    assert main(["show", "cliw"]) == 0

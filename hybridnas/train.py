@@ -2,7 +2,12 @@
 
 AdamW (no decay on norms and biases), linear warmup then cosine decay, gradient clipping, evaluation every
 ``eval_every`` steps, early stop at ``target_accuracy``, bf16 autocast on CUDA. Loss and accuracy cover only
-labelled positions (labels != -100); accuracy is per example, then averaged (Zoology's definition).
+labelled positions (labels != -100); accuracy is per example, then averaged (Zoology's definition), unless
+the task data name another with ``accuracy_metric`` ("micro": per token, "macro": per class; MAD tasks use
+micro and report macro too). Task data may also carry ``bytes_per_token`` (text LM: ``bits_per_byte`` is
+reported), ``select_by = "loss"`` (keep the weights of the lowest loss rather than the best accuracy) and
+``train_stream(batch_size, seed) -> iterator of (inputs, labels)`` to feed batches from a stream instead of
+the in-memory ``train_inputs`` (a corpus larger than memory).
 
 The model keeps the weights of its best evaluation (highest accuracy, then lowest loss), so the weights a
 search saves or exports are the ones that earned the reported score. A non-finite loss ends the run with
@@ -74,11 +79,23 @@ def masked_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: HybridLM, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int,
-             device: torch.device, autocast: bool) -> dict[str, float]:
-    """Validation loss (mean over labelled tokens) and accuracy (per example, then mean)."""
+             device: torch.device, autocast: bool, *, metric: str = "example",
+             bytes_per_token: float | None = None) -> dict[str, float]:
+    """Validation loss (mean over labelled tokens) and accuracy.
+
+    Three accuracies are returned: ``accuracy_example`` (per example, then mean: Zoology), ``accuracy_micro``
+    (per labelled token) and ``accuracy_macro`` (per target class present, then mean: MAD's torchmetrics
+    default); ``accuracy`` is the one named by ``metric``. With ``bytes_per_token`` (text LM tasks) also
+    ``bits_per_byte = loss / (ln 2 * bytes_per_token)``.
+    """
+    if metric not in ("example", "micro", "macro"):
+        raise ValueError(f"metric must be example, micro or macro, got {metric!r}")
     was_training = model.training
     model.eval()
     loss_sum, n_tok, acc_sum, n_ex = 0.0, 0, 0.0, 0
+    hit_sum = 0
+    class_hits: torch.Tensor | None = None
+    class_count: torch.Tensor | None = None
     for i in range(0, inputs.size(0), batch_size):
         x = inputs[i:i + batch_size].to(device)
         y = labels[i:i + batch_size].to(device)
@@ -93,8 +110,24 @@ def evaluate(model: HybridLM, inputs: torch.Tensor, labels: torch.Tensor, batch_
         has = mask.any(1)
         acc_sum += float(per_ex[has].sum())
         n_ex += int(has.sum())
+        hit_sum += int(correct.sum())
+        if class_hits is None:
+            class_hits = torch.zeros(logits.size(-1), dtype=torch.long, device=device)
+            class_count = torch.zeros_like(class_hits)
+        cls = y[mask]
+        class_count += torch.bincount(cls, minlength=class_hits.numel())[:class_hits.numel()]
+        class_hits += torch.bincount(y[correct], minlength=class_hits.numel())[:class_hits.numel()]
     model.train(was_training)
-    return {"loss": loss_sum / max(n_tok, 1), "accuracy": acc_sum / max(n_ex, 1)}
+    macro = 0.0
+    if class_count is not None and bool((class_count > 0).any()):
+        present = class_count > 0
+        macro = float((class_hits[present].float() / class_count[present].float()).mean())
+    out = {"loss": loss_sum / max(n_tok, 1), "accuracy_example": acc_sum / max(n_ex, 1),
+           "accuracy_micro": hit_sum / max(n_tok, 1), "accuracy_macro": macro}
+    out["accuracy"] = out[f"accuracy_{metric}"]
+    if bytes_per_token:
+        out["bits_per_byte"] = out["loss"] / (math.log(2) * bytes_per_token)
+    return out
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -123,7 +156,13 @@ def train(arch: ArchConfig, data: TaskData, *, on_eval: EvalCallback | None = No
     model.train()
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
-    n_train = data.train_inputs.size(0)
+    # A task may hand batches from a stream (a corpus larger than memory) instead of in-memory tensors.
+    stream_fn = getattr(data, "train_stream", None)
+    stream = stream_fn(cfg.batch_size, cfg.seed) if stream_fn is not None else None
+    n_train = data.train_inputs.size(0) if stream is None else 0
+    metric = getattr(data, "accuracy_metric", "example")
+    bytes_per_token = getattr(data, "bytes_per_token", None)
+    select_by = getattr(data, "select_by", "accuracy")
     valid_x, valid_y = data.valid_inputs, data.valid_labels
     if cfg.eval_examples is not None:
         valid_x, valid_y = valid_x[:cfg.eval_examples], valid_y[:cfg.eval_examples]
@@ -140,20 +179,24 @@ def train(arch: ArchConfig, data: TaskData, *, on_eval: EvalCallback | None = No
     best_state = None
     stop_reason = "steps"
     train_time, tokens = 0.0, 0
-    order = torch.randperm(n_train, generator=gen)
+    order = torch.randperm(n_train, generator=gen) if stream is None else None
     cursor = 0
     t_start = time.perf_counter()
     step = 0
     last_loss = math.nan
     for step in range(1, cfg.steps + 1):
         t0 = time.perf_counter()
-        if cursor + cfg.batch_size > n_train:
-            order = torch.randperm(n_train, generator=gen)
-            cursor = 0
-        idx = order[cursor:cursor + cfg.batch_size]
-        cursor += cfg.batch_size
-        x = data.train_inputs[idx].to(device)
-        y = data.train_labels[idx].to(device)
+        if stream is not None:
+            x, y = next(stream)
+            x, y = x.to(device), y.to(device)
+        else:
+            if cursor + cfg.batch_size > n_train:
+                order = torch.randperm(n_train, generator=gen)
+                cursor = 0
+            idx = order[cursor:cursor + cfg.batch_size]
+            cursor += cfg.batch_size
+            x = data.train_inputs[idx].to(device)
+            y = data.train_labels[idx].to(device)
         lr = lr_at(step - 1, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -180,7 +223,8 @@ def train(arch: ArchConfig, data: TaskData, *, on_eval: EvalCallback | None = No
             if aux is not None:
                 writer.add_scalar("train/aux_loss", aux.item(), step)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            ev = evaluate(model, valid_x, valid_y, max(cfg.batch_size, 64), device, autocast)
+            ev = evaluate(model, valid_x, valid_y, max(cfg.batch_size, 64), device, autocast, metric=metric,
+                          bytes_per_token=bytes_per_token)
             ev["step"] = step
             ev["train_loss"] = last_loss
             history.append(ev)
@@ -188,13 +232,17 @@ def train(arch: ArchConfig, data: TaskData, *, on_eval: EvalCallback | None = No
                 writer.add_scalar("valid/loss", ev["loss"], step)
                 writer.add_scalar("valid/accuracy", ev["accuracy"], step)
                 writer.add_scalar("perf/tokens_per_s", tokens / max(train_time, 1e-9), step)
-            improved = ev["accuracy"] > best["accuracy"] or (ev["accuracy"] == best["accuracy"]
-                                                               and ev["loss"] < best["loss"])
+            if select_by == "loss":  # language modelling: the best weights are those of the lowest loss
+                improved = ev["loss"] < best["loss"]
+            else:
+                improved = ev["accuracy"] > best["accuracy"] or (ev["accuracy"] == best["accuracy"]
+                                                                   and ev["loss"] < best["loss"])
             if not math.isfinite(ev["loss"]):
                 stop_reason = "nan"
                 break
             if improved:
-                best = {"accuracy": ev["accuracy"], "loss": ev["loss"], "step": step}
+                best = {"accuracy": ev["accuracy"], "loss": ev["loss"], "step": step,
+                        **{k: ev[k] for k in ("accuracy_micro", "accuracy_macro", "bits_per_byte") if k in ev}}
                 best_state = copy.deepcopy(model.state_dict())
             if on_eval is not None:
                 on_eval(step, ev)
@@ -210,6 +258,7 @@ def train(arch: ArchConfig, data: TaskData, *, on_eval: EvalCallback | None = No
     metrics: dict[str, Any] = {
         "accuracy": best["accuracy"] if best["accuracy"] >= 0 else math.nan,
         "loss": best["loss"] if math.isfinite(best["loss"]) else math.nan,
+        **{k: v for k, v in best.items() if k not in ("accuracy", "loss", "step")},
         "best_step": best["step"],
         "steps": step,
         "final_train_loss": last_loss,

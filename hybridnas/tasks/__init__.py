@@ -6,18 +6,28 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from hybridnas.tasks import mad, mad_suite
 from hybridnas.tasks.base import IGNORE_INDEX, TaskConfigError, TaskData
+from hybridnas.tasks.lm import LMConfig
+from hybridnas.tasks.lm import build as build_lm
 from hybridnas.tasks.mqar import MQARConfig
 from hybridnas.tasks.mqar import build as build_mqar
 
 TASKS: dict[str, tuple[type, Callable[[Any], TaskData]]] = {
     "mqar": (MQARConfig, build_mqar),
+    # the six MAD tasks, one run each, and "mad": a mean over chosen tasks and difficulty settings
+    **{f"mad_{name}": (cls, mad.build) for name, cls in mad.MAD_TASKS.items()},
+    "mad": (mad_suite.MadSuiteConfig, mad_suite.build_suite),
+    "lm": (LMConfig, build_lm),
 }
 
 
 #: Tasks whose trial is not one plain ``hybridnas.train.train`` run (e.g. a suite of several short runs) register a
 #: trainer here with train's signature: ``(arch, data, *, on_eval, log_dir, hparams, model) -> TrainResult``.
-TRAINERS: dict[str, Callable[..., Any]] = {}
+TRAINERS: dict[str, Callable[..., Any]] = {
+    "mad_compression": mad_suite.train_task,  # through MAD's AutoEncoder
+    "mad": mad_suite.train_suite,  # one short run per (task, setting), scored by the mean
+}
 
 
 def trainer_for(name: str) -> Callable[..., Any]:
@@ -65,5 +75,5 @@ def build_task(name: str, config: Any = None) -> TaskData:
     return builder(config)
 
 
-__all__ = ["IGNORE_INDEX", "TASKS", "MQARConfig", "TaskConfigError", "TaskData", "UnknownTaskError",
+__all__ = ["IGNORE_INDEX", "TASKS", "LMConfig", "MQARConfig", "TaskConfigError", "TaskData", "UnknownTaskError",
            "build_task", "task_config_class", "TRAINERS", "trainer_for"]

@@ -253,6 +253,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if result.metrics["stop_reason"] != "nan" else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from hybridnas import bench
+
+    return bench.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybridnas", description="Architecture search over hybrid sequence models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -309,6 +315,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="save architecture.yaml, config.json and model.safetensors here")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("bench", help="time a mixer's forward and forward+backward over backends and lengths")
+    s.add_argument("--mixer", required=True, help="registered symbol, e.g. M")
+    s.add_argument("--params", default="", help="layer parameters, e.g. variant=mamba3,mimo_rank=2,d_state=32")
+    s.add_argument("--backends", default="naive,chunked",
+                   help="comma list: naive, chunked, triton, auto, or a peer (mamba3-ssm, fla-simple-gla, fla-rwkv7, "
+                        "mamba-ssm-ssd, mamba-ssm-mamba3, sdpa); ratios vs the first")
+    s.add_argument("--seq-lens", default="1024", help="comma list of sequence lengths")
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--d-model", type=int, default=128)
+    s.add_argument("--repeat", type=int, default=3, help="timed runs per cell (the median is reported)")
+    s.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    s.add_argument("--budget", type=float, help="seconds per cell: a slower path is run fewer times (at least once)")
+    s.add_argument("--modes", default="fwd,fwd+bwd", help="comma list of fwd, fwd+bwd")
+    s.add_argument("--threads", type=int, help="torch.set_num_threads before timing")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (the triton backend and the GPU peers need cuda)")
+    s.add_argument("--dtype", default="float32", help="float32, bf16 or fp16 for the layer, peers and input")
+    s.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    s.add_argument("--quiet", action="store_true", help="no per-cell progress lines")
+    s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("validate", help="check search-space YAML files without training anything")
     s.add_argument("files", nargs="+")

@@ -46,6 +46,20 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def triton_backend(module: str, name: str) -> dict[str, Callable[..., Any]]:
+    """``{"triton": f}`` where ``f`` imports ``module.name`` on first call, or ``{}`` when triton is not installed:
+    an op's ``BACKENDS.update(...)`` line, so importing an op never imports triton (and a kernel module is
+    decorated only when first used, after a test has set ``TRITON_INTERPRET``)."""
+    if importlib.util.find_spec("triton") is None:
+        return {}
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return {"triton": call}
+
+
 def requested(config_backend: str | None = None) -> str:
     """The backend asked for, before checking what the op offers: forced > env > config > auto."""
     if _forced and _forced[-1] != "auto":

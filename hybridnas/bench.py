@@ -1,0 +1,262 @@
+"""``hybridnas bench``: time a registered mixer's forward and forward+backward over backends and lengths.
+
+Each backend (``naive``, ``chunked``, ``triton``; see ``layers.ops.dispatch``) is forced in turn on the same
+layer (built once per length with a fixed seed, from ``registry.get(symbol).build(d_model, params)``).
+Optional *peers* are outside implementations timed at the same shape, time only (never compared for
+outputs): ``mamba3-ssm`` (PyPI ``mamba3-ssm``, pure PyTorch loops; symbol ``M``, variant ``mamba3``) runs only
+when that package imports. GPU kernel peers (flash-linear-attention, mamba_ssm, PyTorch SDPA flash) are in
+:mod:`hybridnas.bench_peers`; every peer is an optional import, and a missing or unusable one is a row error.
+``device`` and ``dtype`` (``--device cuda --dtype bf16``) place the layer, the peers and the input.
+
+Timing: ``warmup`` untimed runs, then the median of ``repeat`` timed runs. ``fwd`` runs under ``no_grad``;
+``fwd+bwd`` runs the forward with autograd and backpropagates a fixed random output gradient into the
+parameters. Ratios are speed-ups against the first backend listed (``t_first / t``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from hybridnas import bench_peers
+
+MODES = ("fwd", "fwd+bwd")
+
+
+class BenchError(ValueError):
+    pass
+
+
+def parse_params(text: str | None) -> dict[str, Any]:
+    """``"variant=mamba3,mimo_rank=2"`` -> ``{"variant": "mamba3", "mimo_rank": 2}`` (values as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BenchError(f"--params item {item!r} is not key=value")
+        out[key.strip()] = yaml.safe_load(value.strip())
+    return out
+
+
+def _mamba3_ssm(d_model: int, params: dict[str, Any]) -> nn.Module:
+    from mamba3_ssm import Mamba3  # optional, never a requirement
+
+    if params.get("variant", "mamba3") != "mamba3":
+        raise BenchError("mamba3-ssm implements only variant mamba3")
+    rank = int(params.get("mimo_rank", 1))
+    return Mamba3(d_model, d_state=params.get("d_state", 128), expand=params.get("expand", 2),
+                  headdim=params.get("headdim", 64), rope_fraction=params.get("rope_fraction", 0.5),
+                  is_mimo=rank > 1, mimo_rank=rank)
+
+
+#: peer name -> (symbol it stands in for, importable module, factory(d_model, params) -> module)
+PEERS: dict[str, tuple[str, str, Callable[[int, dict[str, Any]], nn.Module]]] = {
+    "mamba3-ssm": ("M", "mamba3_ssm", _mamba3_ssm),
+    **bench_peers.PEERS,
+}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def peer_available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(PEERS[name][1]) is not None
+
+
+@dataclass
+class Row:
+    seq_len: int
+    backend: str
+    fwd_s: float | None = None
+    fwd_bwd_s: float | None = None
+    fwd_speedup: float | None = None
+    fwd_bwd_speedup: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class BenchResult:
+    mixer: str
+    params: dict[str, Any]
+    batch: int
+    d_model: int
+    repeat: int
+    warmup: int
+    threads: int
+    budget: float | None = None
+    torch: str = torch.__version__
+    machine: str = field(default_factory=lambda: f"{platform.machine()}, {os.cpu_count()} cpus")
+    rows: list[Row] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def _once(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _time(fn: Callable[[], None], warmup: int, repeat: int, budget: float | None = None) -> float:
+    """Median of ``repeat`` runs after ``warmup``; with ``budget`` (seconds per cell) a slow path stops early:
+    a warm-up run longer than the budget is itself the measurement, and repeats stop once they sum past it."""
+    for _ in range(warmup):
+        t = _once(fn)
+        if budget is not None and t > budget:
+            return t
+    times: list[float] = []
+    for _ in range(max(repeat, 1)):
+        times.append(_once(fn))
+        if budget is not None and sum(times) > budget:
+            break
+    return statistics.median(times)
+
+
+def _measure(module: nn.Module, x: torch.Tensor, modes: tuple[str, ...], warmup: int, repeat: int,
+             backend: str | None, budget: float | None) -> tuple[float | None, float | None]:
+    from layers.ops import dispatch
+
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x)
+
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)  # time the kernels, not their launch
+
+    def fwd() -> None:
+        with torch.no_grad():
+            module(x)
+        sync()
+
+    def fwd_bwd() -> None:
+        module.zero_grad(set_to_none=True)
+        module(x).backward(grad)
+        sync()
+
+    with dispatch.force(backend):
+        t_fwd = _time(fwd, warmup, repeat, budget) if "fwd" in modes else None
+        t_fb = _time(fwd_bwd, warmup, repeat, budget) if "fwd+bwd" in modes else None
+    return t_fwd, t_fb
+
+
+def run_bench(mixer: str, params: dict[str, Any], backends: list[str], seq_lens: list[int], *, batch: int = 8,
+              d_model: int = 128, repeat: int = 3, warmup: int = 1, modes: tuple[str, ...] = MODES,
+              budget: float | None = None, seed: int = 0, log: Callable[[str], None] | None = None,
+              device: str = "cpu", dtype: str = "float32") -> BenchResult:
+    """Time ``mixer`` (a registry symbol) with ``params`` over ``backends`` x ``seq_lens``; ``budget`` caps the
+    timed seconds per cell (see :func:`_time`); ``device`` and ``dtype`` place the modules and the input."""
+    from hybridnas import registry
+    from layers.ops import dispatch
+
+    spec = registry.get(mixer)
+    if not backends:
+        raise BenchError("no backend given")
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise BenchError(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+    for b in backends:
+        if b not in (*dispatch.BACKENDS, "auto", *PEERS):
+            raise BenchError(f"unknown backend {b!r}; choose from auto, {', '.join(dispatch.BACKENDS)} or a peer "
+                             f"({', '.join(PEERS)})")
+        if b in PEERS and PEERS[b][0] != spec.symbol:
+            raise BenchError(f"peer {b!r} stands in for symbol {PEERS[b][0]}, not {spec.symbol}")
+    if dtype not in DTYPES:
+        raise BenchError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    dev, dt = torch.device(device), DTYPES[dtype]
+    spec.make_config(params)  # unknown keys fail before any timing
+    result = BenchResult(mixer, dict(params), batch, d_model, repeat, warmup, torch.get_num_threads(), budget)
+    for seq_len in seq_lens:
+        x = torch.randn(batch, seq_len, d_model, generator=torch.Generator().manual_seed(seed)).to(dev, dt)
+        layer = None
+        first: Row | None = None
+        for backend in backends:
+            row = Row(seq_len, backend)
+            try:
+                torch.manual_seed(seed)
+                if backend in PEERS:
+                    if not peer_available(backend):
+                        raise BenchError(f"package {PEERS[backend][1]!r} is not installed")
+                    module, forced = PEERS[backend][2](d_model, params).to(dev, dt), None
+                else:
+                    if layer is None:
+                        layer = spec.build(d_model, params).to(dev, dt)
+                    module, forced = layer, backend
+                row.fwd_s, row.fwd_bwd_s = _measure(module, x, modes, warmup, repeat, forced, budget)
+            except Exception as e:  # one failing backend must not hide the others
+                row.error = f"{type(e).__name__}: {e}"
+            if first is None:
+                first = row
+            for attr, out in (("fwd_s", "fwd_speedup"), ("fwd_bwd_s", "fwd_bwd_speedup")):
+                mine, ref = getattr(row, attr), getattr(first, attr)
+                if mine and ref:
+                    setattr(row, out, ref / mine)
+            result.rows.append(row)
+            if log is not None:
+                log(format_row(row))
+    return result
+
+
+def _fmt_t(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return f"{t * 1e3:.1f} ms" if t < 10 else f"{t:.1f} s"
+
+
+def _fmt_r(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x" if r < 10 else f"{r:.0f}x"
+
+
+def format_row(row: Row) -> str:
+    return (f"L={row.seq_len} {row.backend}: fwd {_fmt_t(row.fwd_s)}, fwd+bwd {_fmt_t(row.fwd_bwd_s)}"
+            + (f" ({row.error})" if row.error else ""))
+
+
+def format_table(result: BenchResult) -> str:
+    """A plain-text table; ratios are speed-ups against the first backend listed."""
+    first = result.rows[0].backend if result.rows else "-"
+    params = ",".join(f"{k}={v}" for k, v in result.params.items())
+    lines = [f"mixer {result.mixer} ({params or 'defaults'}), batch {result.batch}, d_model {result.d_model}, "
+             f"median of {result.repeat} after {result.warmup} warm-up"
+             + (f" (at most {result.budget:g} s per cell)" if result.budget else "")
+             + f", {result.threads} threads, "
+             f"torch {result.torch}"]
+    header = ["seq_len", "backend", "fwd", "fwd+bwd", f"fwd speed-up vs {first}", f"fwd+bwd speed-up vs {first}"]
+    body = [[str(r.seq_len), r.backend, _fmt_t(r.fwd_s), _fmt_t(r.fwd_bwd_s), _fmt_r(r.fwd_speedup),
+             _fmt_r(r.fwd_bwd_speedup) + (f"  error: {r.error}" if r.error else "")] for r in result.rows]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header) - 1)]
+    for r in [header, *body]:
+        lines.append("  ".join([c.ljust(w) for c, w in zip(r[:-1], widths)] + [r[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def main(args: Any) -> int:
+    """Entry point of ``hybridnas bench`` (``args`` from the CLI parser)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        params = parse_params(args.params)
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        seq_lens = [int(s) for s in args.seq_lens.split(",") if s.strip()]
+        modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+        log = None if args.json or args.quiet else (lambda s: print(s, flush=True))
+        result = run_bench(args.mixer, params, backends, seq_lens, batch=args.batch, d_model=args.d_model,
+                           repeat=args.repeat, warmup=args.warmup, modes=modes, budget=args.budget, log=log,
+                           device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", "float32"))
+    except (BenchError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(result.to_json() if args.json else format_table(result))
+    return 0

@@ -1,0 +1,276 @@
+"""Mamba mixers, symbol ``M``: Mamba-3 (default; SISO, or MIMO with ``mimo_rank > 1``) and Mamba-2.
+
+Mamba-3 (Lahoti et al., ICLR 2026; block of ``state-spaces/mamba`` ``Mamba3``): no short conv, no in_proj bias::
+
+    z, x, B, C, dd_dt, dd_A, trap, ang = in_proj(u)      sizes di, di, R·N, R·N, H, H, H, S
+    Δ = softplus(dd_dt + dt_bias),  A = -max(f(dd_A), A_floor),  a = A·Δ,  λ = σ(trap)
+        f(u) = 1 + u (u >= 0), 1 / (1 - u) (u < 0)       (the heavy-tail activation)
+    k = RMSNorm(B) + B_bias[h],  q = RMSNorm(C) + C_bias[h]   (per head, per rank)
+    dθ = Δ·π·tanh(ang)  -> cumulative angles rotate q and k (SISO: interleaved pairs; MIMO: rotate-half)
+    y_{t,r} = H_t q_{t,r} + D·v_{t,r}        (exponential-trapezoidal recurrence, ``layers.ops.mamba3``)
+    SISO: out = out_proj(y ⊙ silu(z));  MIMO: out = out_proj(Σ_r y_r ⊙ silu(z ⊙ W_z[r]) ⊙ W_o[r]),
+    with v_{t,r} = x_t ⊙ W_x[r]; the state stays P×N.
+
+Mamba-2 (``mamba_ssm`` ``Mamba2``, ngroups 1)::
+
+    z, xBC, dd_dt = in_proj(u);  x, B, C = silu(causal depthwise conv(xBC))
+    y = SSD(x, Δ, A = -exp(A_log), B, C) + D·x;   out = out_proj(RMSNorm(y ⊙ silu(z)) · w)
+
+Sizes: ``di = int(expand·d)``, ``H = di / headdim``, ``P = headdim``, ``N = d_state``, ``R = mimo_rank``,
+``S = num_rope_angles = (int(N·rope_fraction) rounded down to even) / 2``, ``conv_dim = di + 2N``, ``K = d_conv``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridnas.registry import register_layer
+from layers.base import Layer, LayerConfigError
+from layers.ops import dispatch
+from layers.ops.mamba2 import ssd
+from layers.ops.mamba3 import mamba3
+
+
+def heavy_tail(u: torch.Tensor) -> torch.Tensor:
+    """``1 + u`` for ``u >= 0`` and ``1 / (1 - u)`` for ``u < 0``: positive, smooth, linear tail."""
+    return torch.where(u >= 0, 1 + u.clamp(min=0), 1 / (1 - u.clamp(max=0)))
+
+
+def rms(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    xf = x.float()
+    return xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight
+
+
+def num_rope_angles(d_state: int, rope_fraction: float) -> int:
+    split = int(d_state * rope_fraction)
+    return (split - split % 2) // 2
+
+
+@register_layer("M")
+class Mamba(Layer):
+    """Mamba-3 / Mamba-2 mixer (see the module docstring for the equations).
+
+    Shapes: ``x (B, T, d)`` -> ``(B, T, d)``.
+    Parameters, Mamba-3: ``d·(2di + 2RN + 3H + S) + 2H (dt_bias, D) + 2HRN (B_bias, C_bias) + 2N (B/C norm
+    weights) + [3HRP (W_x, W_z, W_o) if R > 1] + di·d``.
+    Parameters, Mamba-2: ``d·(2di + 2N + H) + conv_dim·(K + 1) + 3H (dt_bias, A_log, D) + di (norm) + di·d``.
+    Init: in_proj normal(0, 0.02); out_proj normal(0, out_init_std()); dt_bias = softplus⁻¹(dt), dt log-uniform in
+    ``[dt_min, dt_max]`` floored at ``dt_init_floor``; D = 1; Mamba-3 B/C biases = 1, W_x = W_o = 1/R, W_z = 1;
+    Mamba-2 A = U(a_init_min, a_init_max), conv as PyTorch's default (uniform ±1/sqrt(K)).
+
+    Decoding state: Mamba-3 ``{"angle" (B, H, S) fp32, "ssm" (B, H, P, N) fp32, "k" (B, R, H, N), "v" (B, H, P)}``;
+    Mamba-2 ``{"conv" (B, conv_dim, K - 1), "ssm" (B, H, P, N) fp32}``. Fixed size.
+    ``chunk_size`` (tokens per chunk of the chunked path) defaults to ``64 // R`` (min 8), as the reference.
+    """
+
+    state_grows: ClassVar[bool] = False
+
+    @dataclass
+    class Config:
+        variant: str = "mamba3"
+        d_state: int = 128
+        headdim: int = 64
+        expand: float = 2
+        mimo_rank: int = 1
+        rope_fraction: float = 0.5
+        chunk_size: int | None = None
+        d_conv: int = 4
+        dt_min: float = 0.001
+        dt_max: float = 0.1
+        dt_init_floor: float = 1e-4
+        a_floor: float = 1e-4
+        a_init_min: float = 1.0
+        a_init_max: float = 16.0
+        backend: str | None = None
+
+    def __init__(self, d_model: int, config: Config | None = None, *, layer_idx: int = 0, n_layers: int = 1):
+        super().__init__(d_model, config, layer_idx=layer_idx, n_layers=n_layers)
+        cfg = self.config
+        self.d_inner, self.nheads, self.n_angles = self._dims(d_model, cfg)
+        self.headdim, self.d_state = cfg.headdim, cfg.d_state
+        self.rank = cfg.mimo_rank if cfg.variant == "mamba3" else 1
+        self.chunk = cfg.chunk_size or max(64 // self.rank, 8)
+        h, n, r, p, di = self.nheads, self.d_state, self.rank, self.headdim, self.d_inner
+        self.dt_bias = nn.Parameter(torch.empty(h))
+        self.D = nn.Parameter(torch.empty(h))
+        if cfg.variant == "mamba3":
+            self.splits = [di, di, r * n, r * n, h, h, h, self.n_angles]
+            self.B_bias = nn.Parameter(torch.empty(h, r, n))
+            self.C_bias = nn.Parameter(torch.empty(h, r, n))
+            self.B_norm = nn.Parameter(torch.empty(n))
+            self.C_norm = nn.Parameter(torch.empty(n))
+            if r > 1:
+                self.mimo_x = nn.Parameter(torch.empty(h, r, p))
+                self.mimo_z = nn.Parameter(torch.empty(h, r, p))
+                self.mimo_o = nn.Parameter(torch.empty(h, r, p))
+        else:
+            self.conv_dim = di + 2 * n
+            self.splits = [di, self.conv_dim, h]
+            self.conv = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim, bias=True)
+            self.A_log = nn.Parameter(torch.empty(h))
+            self.norm_weight = nn.Parameter(torch.empty(di))
+        self.in_proj = nn.Linear(d_model, sum(self.splits), bias=False)
+        self.out_proj = nn.Linear(di, d_model, bias=False)
+        self.reset_parameters()
+
+    @staticmethod
+    def _dims(d_model: int, cfg: Config) -> tuple[int, int, int]:
+        d_inner = int(cfg.expand * d_model)
+        nheads = d_inner // cfg.headdim if cfg.headdim > 0 else 0
+        return d_inner, nheads, num_rope_angles(cfg.d_state, cfg.rope_fraction)
+
+    @classmethod
+    def check_config(cls, d_model: int, config: Config) -> None:
+        super().check_config(d_model, config)
+        c = config
+        if c.variant not in ("mamba3", "mamba2"):
+            raise LayerConfigError("variant", f"variant must be 'mamba3' or 'mamba2', got {c.variant!r}")
+        if c.d_state < 1:
+            raise LayerConfigError("d_state", f"d_state must be >= 1, got {c.d_state}")
+        if c.headdim < 1:
+            raise LayerConfigError("headdim", f"headdim must be >= 1, got {c.headdim}")
+        if not c.expand > 0:
+            raise LayerConfigError("expand", f"expand must be positive, got {c.expand}")
+        d_inner = int(c.expand * d_model)
+        if d_inner < c.headdim or d_inner % c.headdim:
+            raise LayerConfigError("headdim", f"d_inner = int(expand * d_model) = {d_inner} is not a positive "
+                                              f"multiple of headdim={c.headdim}")
+        if c.mimo_rank < 1:
+            raise LayerConfigError("mimo_rank", f"mimo_rank must be >= 1, got {c.mimo_rank}")
+        if c.chunk_size is not None and c.chunk_size < 1:
+            raise LayerConfigError("chunk_size", f"chunk_size must be >= 1 or None, got {c.chunk_size}")
+        if not 0 < c.dt_min <= c.dt_max:
+            raise LayerConfigError("dt_min", f"need 0 < dt_min <= dt_max, got {c.dt_min}, {c.dt_max}")
+        if c.dt_init_floor < 0:
+            raise LayerConfigError("dt_init_floor", f"dt_init_floor must be >= 0, got {c.dt_init_floor}")
+        if c.backend not in (None, "auto", *dispatch.BACKENDS):
+            raise LayerConfigError("backend", f"backend must be auto, {', '.join(dispatch.BACKENDS)} or None, "
+                                              f"got {c.backend!r}")
+        if c.variant == "mamba2":
+            if c.mimo_rank != 1:
+                raise LayerConfigError("mimo_rank", "mimo_rank > 1 (MIMO) exists only for variant 'mamba3'")
+            if c.d_conv < 1:
+                raise LayerConfigError("d_conv", f"d_conv must be >= 1, got {c.d_conv}")
+            if not 0 < c.a_init_min <= c.a_init_max:
+                raise LayerConfigError("a_init_min", f"need 0 < a_init_min <= a_init_max, got "
+                                                     f"{c.a_init_min}, {c.a_init_max}")
+            return
+        if c.rope_fraction not in (0.5, 1.0):
+            raise LayerConfigError("rope_fraction", f"rope_fraction must be 0.5 or 1.0, got {c.rope_fraction}")
+        if num_rope_angles(c.d_state, c.rope_fraction) < 1:
+            raise LayerConfigError("d_state", f"d_state={c.d_state} leaves no rotary angle at rope_fraction "
+                                              f"{c.rope_fraction} (need int(d_state * rope_fraction) >= 2)")
+        if c.mimo_rank > 1 and c.d_state % 2:
+            raise LayerConfigError("d_state", f"MIMO pairs (i, i + N/2): d_state={c.d_state} must be even")
+        if c.a_floor < 0:
+            raise LayerConfigError("a_floor", f"a_floor must be >= 0, got {c.a_floor}")
+
+    @classmethod
+    def param_count(cls, d_model: int, config: Config) -> int:
+        di, h, s = cls._dims(d_model, config)
+        n, p, d = config.d_state, config.headdim, d_model
+        if config.variant == "mamba2":
+            conv_dim = di + 2 * n
+            return d * (2 * di + 2 * n + h) + conv_dim * (config.d_conv + 1) + 3 * h + di + di * d
+        r = config.mimo_rank
+        mimo = 3 * h * r * p if r > 1 else 0
+        return d * (2 * di + 2 * r * n + 3 * h + s) + 2 * h + 2 * h * r * n + 2 * n + mimo + di * d
+
+    def reset_parameters(self) -> None:
+        cfg = self.config
+        nn.init.normal_(self.in_proj.weight, mean=0.0, std=0.02)
+        nn.init.normal_(self.out_proj.weight, mean=0.0, std=self.out_init_std())
+        with torch.no_grad():
+            lo, hi = math.log(cfg.dt_min), math.log(cfg.dt_max)
+            dt = torch.exp(torch.rand(self.nheads) * (hi - lo) + lo).clamp(min=cfg.dt_init_floor)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            self.D.fill_(1.0)
+            if cfg.variant == "mamba3":
+                for w in (self.B_bias, self.C_bias, self.B_norm, self.C_norm):
+                    w.fill_(1.0)
+                if self.rank > 1:
+                    self.mimo_x.fill_(1.0 / self.rank)
+                    self.mimo_z.fill_(1.0)
+                    self.mimo_o.fill_(1.0 / self.rank)
+            else:
+                self.A_log.copy_(torch.empty(self.nheads).uniform_(cfg.a_init_min, cfg.a_init_max).log())
+                bound = 1.0 / math.sqrt(cfg.d_conv)
+                nn.init.uniform_(self.conv.weight, -bound, bound)
+                nn.init.uniform_(self.conv.bias, -bound, bound)
+                self.norm_weight.fill_(1.0)
+
+    # -- Mamba-3 ---------------------------------------------------------------------------------------------
+
+    def _mamba3(self, u: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, dict]:
+        b, t, _ = u.shape
+        h, p, n, r = self.nheads, self.headdim, self.d_state, self.rank
+        z, x, B, C, dd_dt, dd_A, trap, ang = self.in_proj(u).split(self.splits, dim=-1)
+        x = x.reshape(b, t, h, p)
+        # RMSNorm over N (shared across heads), then the per-head bias: (B, T, R, H, N)
+        k = rms(B.reshape(b, t, r, 1, n), self.B_norm) + self.B_bias.transpose(0, 1)
+        q = rms(C.reshape(b, t, r, 1, n), self.C_norm) + self.C_bias.transpose(0, 1)
+        dt = F.softplus(dd_dt.float() + self.dt_bias)
+        a = -heavy_tail(dd_A.float()).clamp(min=self.config.a_floor) * dt
+        lam = torch.sigmoid(trap.float())
+        dtheta = dt[..., None] * (math.pi * torch.tanh(ang.float()))[:, :, None, :]  # (B, T, H, S)
+        w_x = self.mimo_x.transpose(0, 1) if r > 1 else None  # (R, H, P)
+        y, new_state = mamba3(x, q, k, a, dt, lam, dtheta, state, w_x, pairing="half" if r > 1 else "interleaved",
+                              chunk_size=self.chunk, config_backend=self.config.backend)
+        d_skip = self.D[:, None] * w_x if w_x is not None else self.D[:, None]  # D·v = x ⊙ (D·W_x), folded
+        y = y.float() + x[:, :, None].float() * d_skip  # (B, T, R, H, P)
+        z = z.reshape(b, t, 1, h, p).float()
+        if r > 1:
+            y = (y * F.silu(z * self.mimo_z.transpose(0, 1)) * self.mimo_o.transpose(0, 1)).sum(dim=2)
+        else:
+            y = y[:, :, 0] * F.silu(z[:, :, 0])
+        return self.out_proj(y.reshape(b, t, self.d_inner).to(u.dtype)), new_state
+
+    # -- Mamba-2 ---------------------------------------------------------------------------------------------
+
+    def _mamba2(self, u: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, dict]:
+        b, t, _ = u.shape
+        h, p, n, kc = self.nheads, self.headdim, self.d_state, self.config.d_conv
+        z, xbc, dd_dt = self.in_proj(u).split(self.splits, dim=-1)
+        conv_state = state["conv"] if state is not None else u.new_zeros(b, self.conv_dim, kc - 1)
+        seq = torch.cat((conv_state, xbc.transpose(1, 2)), dim=2)  # (B, conv_dim, K - 1 + T)
+        xbc = F.silu(F.conv1d(seq, self.conv.weight, self.conv.bias, groups=self.conv_dim)).transpose(1, 2)
+        x, B, C = xbc.split((self.d_inner, n, n), dim=-1)
+        x = x.reshape(b, t, h, p)
+        dt = F.softplus(dd_dt.float() + self.dt_bias)
+        y, ssm_state = ssd(x, dt, -torch.exp(self.A_log.float()), B[:, :, None], C[:, :, None],
+                           state["ssm"] if state is not None else None, chunk_size=self.chunk,
+                           config_backend=self.config.backend)
+        y = (y.float() + self.D[:, None] * x.float()).reshape(b, t, self.d_inner)
+        y = rms(y * F.silu(z.float()), self.norm_weight)
+        new_state = {"conv": seq[:, :, seq.shape[2] - (kc - 1):].clone(), "ssm": ssm_state}
+        return self.out_proj(y.to(u.dtype)), new_state
+
+    # -- contract --------------------------------------------------------------------------------------------
+
+    def _run(self, x: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, dict]:
+        return self._mamba3(x, state) if self.config.variant == "mamba3" else self._mamba2(x, state)
+
+    def forward(self, x: torch.Tensor, ctx: dict | None = None) -> torch.Tensor:
+        return self._run(x, None)[0]
+
+    def prefill(self, x: torch.Tensor, ctx: dict | None = None) -> tuple[torch.Tensor, dict]:
+        return self._run(x, None)
+
+    def step(self, x: torch.Tensor, state: dict, ctx: dict | None = None) -> tuple[torch.Tensor, dict]:
+        """Decode ``x (B, T, d)`` (usually ``T = 1``) after the tokens summarised by ``state``."""
+        return self._run(x, state)
+
+    def state_size(self, batch: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes of the decode state (independent of ``seq_len``). Mamba-3: ``batch·H·(4S + 4PN + (RN + P)·elt)``;
+        Mamba-2: ``batch·(conv_dim·(K-1)·elt + 4HPN)``."""
+        elt = torch.empty((), dtype=dtype).element_size()
+        h, p, n = self.nheads, self.headdim, self.d_state
+        if self.config.variant == "mamba2":
+            return batch * (self.conv_dim * (self.config.d_conv - 1) * elt + 4 * h * p * n)
+        return batch * h * (4 * self.n_angles + 4 * p * n + (self.rank * n + p) * elt)

@@ -1,0 +1,33 @@
+"""Mamba-2 SSD op (scalar A per head): ``ssd(x, dt, A, B, C, state=None, *, chunk_size=64) -> (y, state)``.
+
+Shapes (B batch, T length, H heads, P head dim, G groups with H % G == 0, N state dim)::
+
+    x      (B, T, H, P)   input after the conv (the layer adds D·x itself)
+    dt     (B, T, H)      Δ after softplus
+    A      (H,)           negative decay rate; the step's log-decay is Δ_t·A_h
+    B, C   (B, T, G, N)   shared by the H/G heads of a group
+    state  (B, H, P, N)   fp32 initial state or None (zeros)
+    -> y (B, T, H, P) in x's dtype, final state (B, H, P, N) fp32
+
+Backends: ``naive`` (token loop, the oracle) and ``chunked`` (SSD by chunks); pick with ``layers.ops.dispatch``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from layers.ops import dispatch
+from layers.ops.mamba2.chunked import ssd_chunked
+from layers.ops.mamba2.naive import ssd_naive
+
+BACKENDS: dict[str, Any] = {"naive": ssd_naive, "chunked": ssd_chunked}
+BACKENDS.update(dispatch.triton_backend("layers.ops.mamba2.triton", "ssd_triton"))  # where triton is installed
+
+
+def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+        state: torch.Tensor | None = None, *, chunk_size: int = 64,
+        config_backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return dispatch.run("mamba2", BACKENDS, x, dt, A, B, C, state, chunk_size=chunk_size,
+                        config_backend=config_backend)

@@ -1,0 +1,49 @@
+"""Mamba-3 (SISO and MIMO) by chunks: the trapezoid as SSD. Shapes as in :mod:`layers.ops.mamba3`.
+
+Unrolling the recurrence, token ``s`` enters the state with ``γ_s`` at ``s`` and with ``β_{s+1}`` one step
+later, so for ``t > s`` its weight is ``exp(Σ_{s<r<=t} a_r) · scale_s`` with
+``scale_s = γ_s + (1-λ_{s+1}) Δ_{s+1}`` (``Δ`` past the end taken as 0), and at ``t = s`` it is
+``γ_s = scale_s - shift_s`` with ``shift_s = (1-λ_{s+1}) Δ_{s+1}``. That is SSD with K scaled by ``scale`` minus
+a diagonal correction (:func:`layers.ops.mamba2.chunked.ssd_scan`, rank folded into the chunk for MIMO).
+The cached previous token enters through the initial state ``H_0 + (1-λ_0) Δ_0 Σ_r v_{-1,r} k_{-1,r}ᵀ``.
+Angles ``θ = (θ_0 + cumsum dθ) mod 2π``, accumulated in fp64 so long sequences keep fp32 precision.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from layers.ops.mamba2.chunked import ssd_scan
+from layers.ops.mamba3.naive import TWO_PI, rotate, zero_state
+
+
+def mamba3_chunked(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, dt: torch.Tensor,
+                   lam: torch.Tensor, dtheta: torch.Tensor, state: dict | None = None,
+                   w_x: torch.Tensor | None = None, *, pairing: str = "interleaved",
+                   chunk_size: int = 64) -> tuple[torch.Tensor, dict]:
+    """Same signature and result as :func:`layers.ops.mamba3.naive.mamba3_naive`."""
+    bsz, t_len, r, h, n = q.shape
+    f32 = torch.float32
+    st = state if state is not None else zero_state(x, r, n, dtheta.shape[-1])
+    if t_len == 0:
+        return x.new_zeros(bsz, 0, r, h, x.shape[-1]), st
+    xf, af, dtf, lf = x.to(f32), a.to(f32), dt.to(f32), lam.to(f32)
+
+    theta = st["angle"].to(torch.float64)[:, None] + dtheta.to(torch.float64).cumsum(dim=1)
+    theta = torch.remainder(theta, TWO_PI).to(f32)  # (B, T, H, S)
+    qr = rotate(q.to(f32), theta[:, :, None], pairing)  # (B, T, R, H, N)
+    kr = rotate(k.to(f32), theta[:, :, None], pairing)
+    wx = w_x.to(f32) if w_x is not None else None
+
+    nxt = (1 - lf) * dtf  # (1-λ_t) Δ_t, used by the token before t
+    shift = F.pad(nxt[:, 1:], (0, 0, 0, 1))
+    scale = lf * dtf + shift
+
+    v_prev = st["v"].to(f32)[:, None] * (wx if wx is not None else 1.0)
+    h0 = st["ssm"].to(f32) + nxt[:, 0, :, None, None] * torch.einsum("brhp,brhn->bhpn", v_prev, st["k"].to(f32))
+    y, last = ssd_scan(qr, kr, xf[:, :, None], af, scale, shift, h0, chunk_size, w_v=wx)
+    # clones: a view would keep the whole (B, T, ...) tensors alive in the decode cache
+    new_state = {"angle": theta[:, -1].clone(), "ssm": last, "k": kr[:, -1].to(x.dtype, copy=True),
+                 "v": x[:, -1].clone()}
+    return y.to(x.dtype), new_state

@@ -82,6 +82,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.worker_index is not None:
         return 0
     top_k = args.confirm_top if args.confirm_top is not None else s.confirm_top
+    confirmed_best = None
     if top_k:
         from hybridnas.confirm import run_confirmation
 
@@ -89,8 +90,12 @@ def cmd_search(args: argparse.Namespace) -> int:
                                    args.confirm_budget or s.confirm_budget, log=(lambda *a: None) if args.quiet
                                    else print)
         _print_confirmation(summary)
+        confirmed_best = next((c for c in summary["rows"] if c.values), None)
     best = search.best_trial(study)
-    if len(study.directions) > 1:
+    if confirmed_best is not None:
+        print(f"best (confirmed): trial {confirmed_best.trial.number} mean {confirmed_best.mean:.4f} "
+              f"pattern {confirmed_best.trial.user_attrs.get('pattern')}")
+    elif len(study.directions) > 1:
         print(f"Pareto front: {len(study.best_trials)} trial(s): "
               + ", ".join(f"#{t.number} {t.user_attrs.get('pattern')} {_fmt_values(t.values)}"
                           for t in study.best_trials))

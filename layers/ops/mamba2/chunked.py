@@ -103,6 +103,15 @@ def ssd_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
 def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                 state: torch.Tensor | None = None, *, chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Mamba-2 SSD by chunks; same signature and result as :func:`layers.ops.mamba2.naive.ssd_naive`."""
+    return ssd_with_scan(ssd_scan, x, dt, A, B, C, state, chunk_size=chunk_size)
+
+
+def ssd_with_scan(scan, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                  state: torch.Tensor | None = None, *, chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-2 SSD as a scalar-decay scan: log-decay ``Δ·A``, groups repeated over heads, ``Δ`` scaling K.
+
+    ``scan`` has :func:`ssd_scan`'s signature; the PyTorch and Triton backends differ only in it.
+    """
     bsz, t_len, h, p = x.shape
     n = B.shape[-1]
     rep = h // B.shape[2]
@@ -114,5 +123,5 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     a = dtf * A.to(f32)
     q = C.to(f32).repeat_interleave(rep, dim=2)[:, :, None]
     k = B.to(f32).repeat_interleave(rep, dim=2)[:, :, None]
-    y, last = ssd_scan(q, k, x.to(f32)[:, :, None], a, dtf, None, h0, chunk_size)
+    y, last = scan(q, k, x.to(f32)[:, :, None], a, dtf, None, h0, chunk_size)
     return y[:, :, 0].to(x.dtype), last

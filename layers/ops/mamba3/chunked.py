@@ -23,6 +23,16 @@ def mamba3_chunked(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, a: torch.T
                    w_x: torch.Tensor | None = None, *, pairing: str = "interleaved",
                    chunk_size: int = 64) -> tuple[torch.Tensor, dict]:
     """Same signature and result as :func:`layers.ops.mamba3.naive.mamba3_naive`."""
+    return mamba3_with_scan(ssd_scan, x, q, k, a, dt, lam, dtheta, state, w_x, pairing=pairing,
+                            chunk_size=chunk_size)
+
+
+def mamba3_with_scan(scan, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, dt: torch.Tensor,
+                     lam: torch.Tensor, dtheta: torch.Tensor, state: dict | None = None,
+                     w_x: torch.Tensor | None = None, *, pairing: str = "interleaved",
+                     chunk_size: int = 64) -> tuple[torch.Tensor, dict]:
+    """The elementwise preparation around a scalar-decay scan with :func:`ssd_scan`'s signature (``w_v`` too);
+    the PyTorch and Triton backends differ only in ``scan``."""
     bsz, t_len, r, h, n = q.shape
     f32 = torch.float32
     st = state if state is not None else zero_state(x, r, n, dtheta.shape[-1])
@@ -42,7 +52,7 @@ def mamba3_chunked(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, a: torch.T
 
     v_prev = st["v"].to(f32)[:, None] * (wx if wx is not None else 1.0)
     h0 = st["ssm"].to(f32) + nxt[:, 0, :, None, None] * torch.einsum("brhp,brhn->bhpn", v_prev, st["k"].to(f32))
-    y, last = ssd_scan(qr, kr, xf[:, :, None], af, scale, shift, h0, chunk_size, w_v=wx)
+    y, last = scan(qr, kr, xf[:, :, None], af, scale, shift, h0, chunk_size, w_v=wx)
     # clones: a view would keep the whole (B, T, ...) tensors alive in the decode cache
     new_state = {"angle": theta[:, -1].clone(), "ssm": last, "k": kr[:, -1].to(x.dtype, copy=True),
                  "v": x[:, -1].clone()}

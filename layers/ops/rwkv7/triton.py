@@ -25,6 +25,27 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_token(w_ptr, k_ptr, a_ptr, b_ptr, v_ptr, bh, t, T, K, V, kk, i, km, im):
+    """Token ``t``'s masks, key-row offsets and its ``w, k, a, b`` (K,) and ``v`` (rows ``i``) in fp32."""
+    mk = km & (kk * 0 + t < T)  # vector masks: t may be a plain int (interpreter)
+    mi = im & (i * 0 + t < T)
+    kv = (bh * T + t) * K + kk
+    w = tl.load(w_ptr + kv, mask=mk, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + kv, mask=mk, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + kv, mask=mk, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + kv, mask=mk, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + (bh * T + t) * V + i, mask=mi, other=0.0).to(tl.float32)
+    return mk, mi, kv, w, k, a, b, v
+
+
+@triton.jit
+def _step(S, w, k, a, b, v):
+    """``S_t = S_{t-1} ⊙ exp(w) + (S_{t-1} a) bᵀ + v kᵀ`` for the rows this program owns."""
+    x = tl.sum(S * a[None, :], 1)
+    return S * tl.exp(w)[None, :] + x[:, None] * b[None, :] + v[:, None] * k[None, :]
+
+
+@triton.jit
 def _rwkv7_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr,
                       T, K, V, NCK,
                       CK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE: tl.constexpr):
@@ -42,17 +63,9 @@ def _rwkv7_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, h0_ptr, o_ptr, h
             tl.store(ck_ptr + (bh * NCK + c) * V * K + s_off, S, mask=s_mask)
         for j in range(CK):
             t = c * CK + j
-            mk = km & (kk * 0 + t < T)  # vector masks: t may be a plain int (interpreter)
-            mi = im & (i * 0 + t < T)
-            kv = (bh * T + t) * K + kk
+            mk, mi, kv, w, k, a, b, v = _load_token(w_ptr, k_ptr, a_ptr, b_ptr, v_ptr, bh, t, T, K, V, kk, i, km, im)
             r = tl.load(r_ptr + kv, mask=mk, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + kv, mask=mk, other=0.0).to(tl.float32)
-            k = tl.load(k_ptr + kv, mask=mk, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + kv, mask=mk, other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + kv, mask=mk, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + (bh * T + t) * V + i, mask=mi, other=0.0).to(tl.float32)
-            x = tl.sum(S * a[None, :], 1)
-            S = S * tl.exp(w)[None, :] + x[:, None] * b[None, :] + v[:, None] * k[None, :]
+            S = _step(S, w, k, a, b, v)
             o = tl.sum(S * r[None, :], 1)
             tl.store(o_ptr + (bh * T + t) * V + i, o, mask=mi)
     tl.store(ht_ptr + bh * V * K + s_off, S, mask=s_mask)
@@ -83,30 +96,15 @@ def _rwkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, ck_ptr, do_ptr, 
         tl.store(scratch + loc, S)
         for j in range(CK):
             t = c * CK + j
-            mk = km & (kk * 0 + t < T)  # vector masks: t may be a plain int (interpreter)
-            mi = im & (i * 0 + t < T)
-            kv = (bh * T + t) * K + kk
-            w = tl.load(w_ptr + kv, mask=mk, other=0.0).to(tl.float32)
-            k = tl.load(k_ptr + kv, mask=mk, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + kv, mask=mk, other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + kv, mask=mk, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + (bh * T + t) * V + i, mask=mi, other=0.0).to(tl.float32)
-            x = tl.sum(S * a[None, :], 1)
-            S = S * tl.exp(w)[None, :] + x[:, None] * b[None, :] + v[:, None] * k[None, :]
+            _, _, _, w, k, a, b, v = _load_token(w_ptr, k_ptr, a_ptr, b_ptr, v_ptr, bh, t, T, K, V, kk, i, km, im)
+            S = _step(S, w, k, a, b, v)
             tl.store(scratch + (j + 1) * BV * BK + loc, S)
         tl.debug_barrier()  # the scratch is written and read back by different threads of this program
         for jj in range(CK):
             j = CK - 1 - jj
             t = c * CK + j
-            mk = km & (kk * 0 + t < T)  # vector masks: t may be a plain int (interpreter)
-            mi = im & (i * 0 + t < T)
-            kv = (bh * T + t) * K + kk
+            mk, mi, kv, w, k, a, b, v = _load_token(w_ptr, k_ptr, a_ptr, b_ptr, v_ptr, bh, t, T, K, V, kk, i, km, im)
             r = tl.load(r_ptr + kv, mask=mk, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + kv, mask=mk, other=0.0).to(tl.float32)
-            k = tl.load(k_ptr + kv, mask=mk, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + kv, mask=mk, other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + kv, mask=mk, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + (bh * T + t) * V + i, mask=mi, other=0.0).to(tl.float32)
             do = tl.load(do_ptr + (bh * T + t) * V + i, mask=mi, other=0.0).to(tl.float32)
             S_prev = tl.load(scratch + j * BV * BK + loc)
             S_t = tl.load(scratch + (j + 1) * BV * BK + loc)

@@ -31,6 +31,26 @@ from triton.runtime.errors import OutOfResources
 
 
 @triton.jit
+def _load_chunk(q_ptr, k_ptr, v_ptr, a_ptr, sc_ptr, sh_ptr, bh, c, T, N, P, j, n, p, nm, pm, tj, first,
+                C: tl.constexpr, R: tl.constexpr):
+    """Chunk ``c`` of one (batch, head): rows ``j`` = (token, rank) pairs. Returns the row mask, offsets and masks,
+    ``Q, K (BT, BN)``, ``V (BT, BP)``, the per-token scale ``s`` and shift ``d``, and the in-chunk cumulative
+    log-decay ``acs`` with its total ``tot`` (the decay counted once per token, on its rank-0 row)."""
+    t = c * C + tj
+    rm = (j < C * R) & (t < T)
+    row = bh * T * R + c * C * R + j
+    qk_mask = rm[:, None] & nm[None, :]
+    v_mask = rm[:, None] & pm[None, :]
+    Q = tl.load(q_ptr + row[:, None] * N + n[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+    K = tl.load(k_ptr + row[:, None] * N + n[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+    V = tl.load(v_ptr + row[:, None] * P + p[None, :], mask=v_mask, other=0.0).to(tl.float32)
+    av = tl.load(a_ptr + bh * T + t, mask=rm & first, other=0.0).to(tl.float32)
+    s = tl.load(sc_ptr + bh * T + t, mask=rm, other=0.0).to(tl.float32)
+    d = tl.load(sh_ptr + bh * T + t, mask=rm, other=0.0).to(tl.float32)
+    return rm, row, qk_mask, v_mask, Q, K, V, s, d, tl.cumsum(av, 0), tl.sum(av, 0)
+
+
+@triton.jit
 def _ssd_fwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, sc_ptr, sh_ptr, h0_ptr, y_ptr, ht_ptr, st_ptr,
                     T, N, P, NC,
                     C: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
@@ -50,19 +70,8 @@ def _ssd_fwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, sc_ptr, sh_ptr, h0_ptr, y_ptr, h
     s_mask = pm[:, None] & nm[None, :]
     S = tl.load(h0_ptr + s_off, mask=s_mask, other=0.0).to(tl.float32)  # (BP, BN)
     for c in range(NC):
-        t = c * C + tj
-        rm = (j < C * R) & (t < T)
-        row = bh * T * R + c * C * R + j
-        qk_mask = rm[:, None] & nm[None, :]
-        v_mask = rm[:, None] & pm[None, :]
-        Q = tl.load(q_ptr + row[:, None] * N + n[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-        K = tl.load(k_ptr + row[:, None] * N + n[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-        V = tl.load(v_ptr + row[:, None] * P + p[None, :], mask=v_mask, other=0.0).to(tl.float32)
-        av = tl.load(a_ptr + bh * T + t, mask=rm & first, other=0.0).to(tl.float32)
-        s = tl.load(sc_ptr + bh * T + t, mask=rm, other=0.0).to(tl.float32)
-        d = tl.load(sh_ptr + bh * T + t, mask=rm, other=0.0).to(tl.float32)
-        acs = tl.cumsum(av, 0)
-        tot = tl.sum(av, 0)
+        rm, row, qk_mask, v_mask, Q, K, V, s, d, acs, tot = _load_chunk(
+            q_ptr, k_ptr, v_ptr, a_ptr, sc_ptr, sh_ptr, bh, c, T, N, P, j, n, p, nm, pm, tj, first, C, R)
         # mask before exp: above the diagonal acs_i - acs_j > 0 could overflow
         diff = tl.where(lower, acs[:, None] - acs[None, :], 0.0)
         W = tl.where(lower, tl.exp(diff) * s[None, :], tl.where(same, (s - d)[None, :], 0.0))
@@ -98,21 +107,10 @@ def _ssd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, sc_ptr, sh_ptr, st_ptr, dy_ptr, 
     G = tl.load(dht_ptr + s_off, mask=s_mask, other=0.0).to(tl.float32)  # dL/dS after the chunk
     for i in range(NC):
         c = NC - 1 - i
-        t = c * C + tj
-        rm = (j < C * R) & (t < T)
-        row = bh * T * R + c * C * R + j
-        qk_mask = rm[:, None] & nm[None, :]
-        v_mask = rm[:, None] & pm[None, :]
-        Q = tl.load(q_ptr + row[:, None] * N + n[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-        K = tl.load(k_ptr + row[:, None] * N + n[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-        V = tl.load(v_ptr + row[:, None] * P + p[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        rm, row, qk_mask, v_mask, Q, K, V, s, d, acs, tot = _load_chunk(
+            q_ptr, k_ptr, v_ptr, a_ptr, sc_ptr, sh_ptr, bh, c, T, N, P, j, n, p, nm, pm, tj, first, C, R)
         dY = tl.load(dy_ptr + row[:, None] * P + p[None, :], mask=v_mask, other=0.0).to(tl.float32)
         Sc = tl.load(st_ptr + (bh * NC + c) * P * N + p[:, None] * N + n[None, :], mask=s_mask, other=0.0)
-        av = tl.load(a_ptr + bh * T + t, mask=rm & first, other=0.0).to(tl.float32)
-        s = tl.load(sc_ptr + bh * T + t, mask=rm, other=0.0).to(tl.float32)
-        d = tl.load(sh_ptr + bh * T + t, mask=rm, other=0.0).to(tl.float32)
-        acs = tl.cumsum(av, 0)
-        tot = tl.sum(av, 0)
         diff = tl.where(lower, acs[:, None] - acs[None, :], 0.0)
         E = tl.where(lower, tl.exp(diff), 0.0)
         W = tl.where(lower, E * s[None, :], tl.where(same, (s - d)[None, :], 0.0))

@@ -370,7 +370,7 @@ def _register_symbols(data: Any, src: Source) -> dict[str, str]:
             registry.register_path(str(sym), entry, aliases=tuple(aliases))
         except registry.RegistryError as e:
             raise src.error(path, str(e)) from None
-        out[str(sym)] = entry if not aliases else f"{entry}"
+        out[str(sym)] = entry
     return out
 
 
@@ -657,7 +657,3 @@ def arch_key(model: ModelConfig) -> str:
     extra = {"d_model": model.d_model, "vocab_size": model.vocab_size, "norm_eps": model.norm_eps,
              "tie_embeddings": model.tie_embeddings}
     return patterns.arch_hash(model.pattern, resolved_layers(model), extra)
-
-
-def is_finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

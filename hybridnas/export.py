@@ -15,7 +15,6 @@ and a rename, so an interrupted export never leaves a half-written file.
 from __future__ import annotations
 
 import io
-import json
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -178,13 +177,11 @@ def model_card(arch: ArchConfig, trial, study, metrics: dict[str, Any], n_params
 def export_trial(study, trial, out_dir: str | Path, *, retrain_if_missing: bool = True, log=print,
                  weights_dir: str | None = None, confirmed: dict[str, Any] | None = None) -> Path:
     """Write the export folder for ``trial``: weights from its checkpoint, or retrained when absent."""
-    from hybridnas.config import load_arch as _load
-
     out = Path(out_dir)
     arch_dict = trial.user_attrs.get("arch")
     if arch_dict is None:
         raise ValueError(f"trial {trial.number} has no recorded architecture (was it made by hybridnas search?)")
-    arch = _load(data=arch_dict, file=f"study {study.study_name} trial {trial.number}")
+    arch = load_arch(data=arch_dict, file=f"study {study.study_name} trial {trial.number}")
     weights_dir = weights_dir or trial.user_attrs.get("weights")
     metrics = dict(trial.user_attrs.get("metrics", {}))
     if confirmed:
@@ -262,7 +259,3 @@ def export_pareto(study, out_dir: str | Path, **kw) -> Path:
                      + f" | [{r['folder']}]({r['folder']}/) |")
     atomic_write_text(out / "README.md", "\n".join(lines) + "\n")
     return out
-
-
-def dumps_config(arch: ArchConfig) -> str:
-    return json.dumps(hf_config(arch), indent=2)

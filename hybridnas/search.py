@@ -176,10 +176,6 @@ def make_pruner(space: SearchSpace) -> optuna.pruners.BasePruner:
     return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_res)
 
 
-def direction(space: SearchSpace) -> str:
-    return space.directions()[0]
-
-
 def resolve_storage(space: SearchSpace, storage: str | None, study_name: str | None, workers: int = 1) -> str:
     name = study_name or space.search.study_name or space.name
     return storage or space.search.storage or default_storage(name, workers)

@@ -54,15 +54,12 @@ def run_workers(space: SearchSpace, n: int, *, storage: str, study_name: str, n_
         procs.append(subprocess.Popen(worker_command(space.source.file, storage, study_name, n_trials, i, timeout,
                                                      seed), stdout=log, stderr=subprocess.STDOUT, env=env))
     bar = tqdm(total=n_trials, desc=f"trials ({n} workers)", unit="trial", disable=quiet, dynamic_ncols=True)
+    study = load_study(study_name, storage)  # the caller created it before starting the workers
     try:
         while any(p.poll() is None for p in procs):
             time.sleep(2)
-            try:
-                done = finished_count(load_study(study_name, storage))
-                bar.n = min(done, n_trials)
-                bar.refresh()
-            except Exception:  # the study may not exist for the first moments
-                pass
+            bar.n = min(finished_count(study), n_trials)
+            bar.refresh()
     except KeyboardInterrupt:
         for p in procs:
             if p.poll() is None:

@@ -4,7 +4,8 @@ Each backend (``naive``, ``chunked``, ``triton``; see ``layers.ops.dispatch``) i
 layer (built once per length with a fixed seed, from ``registry.get(symbol).build(d_model, params)``).
 Optional *peers* are outside implementations timed at the same shape, time only (never compared for
 outputs): ``mamba3-ssm`` (PyPI ``mamba3-ssm``, pure PyTorch loops; symbol ``M``, variant ``mamba3``) runs only
-when that package imports. GPU kernel peers (flash-linear-attention, mamba_ssm, PyTorch SDPA flash) are in
+when that package imports; ``mamba3-ssm-proj`` is that layer's dense projections alone, a floor no backend beats.
+GPU kernel peers (flash-linear-attention, mamba_ssm, PyTorch SDPA flash) are in
 :mod:`hybridnas.bench_peers`; every peer is an optional import, and a missing or unusable one is a row error.
 ``device`` and ``dtype`` (``--device cuda --dtype bf16``) place the layer, the peers and the input.
 
@@ -63,9 +64,28 @@ def _mamba3_ssm(d_model: int, params: dict[str, Any]) -> nn.Module:
                   is_mimo=rank > 1, mimo_rank=rank)
 
 
+class _Projections(nn.Module):
+    """Only a Mamba-3 layer's ``in_proj`` and ``out_proj`` (the first ``d_inner`` columns feed ``out_proj``)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.out_proj(self.layer.in_proj(x)[..., :self.layer.d_inner])
+
+
+def _mamba3_ssm_proj(d_model: int, params: dict[str, Any]) -> nn.Module:
+    """The ``mamba3-ssm`` layer's own dense projections and nothing between them: work every Mamba-3 layer of this
+    shape does, whatever its scan, so ``t(mamba3-ssm) / t(mamba3-ssm-proj)`` bounds the speed-up any backend can
+    reach against ``mamba3-ssm`` (at most that, with a scan and gating that cost nothing)."""
+    return _Projections(_mamba3_ssm(d_model, params))
+
+
 #: peer name -> (symbol it stands in for, importable module, factory(d_model, params) -> module)
 PEERS: dict[str, tuple[str, str, Callable[[int, dict[str, Any]], nn.Module]]] = {
     "mamba3-ssm": ("M", "mamba3_ssm", _mamba3_ssm),
+    "mamba3-ssm-proj": ("M", "mamba3_ssm", _mamba3_ssm_proj),
     **bench_peers.PEERS,
 }
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

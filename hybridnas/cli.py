@@ -325,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mixer", required=True, help="registered symbol, e.g. M")
     s.add_argument("--params", default="", help="layer parameters, e.g. variant=mamba3,mimo_rank=2,d_state=32")
     s.add_argument("--backends", default="naive,chunked",
-                   help="comma list: naive, chunked, triton, auto, or a peer (mamba3-ssm, fla-simple-gla, fla-rwkv7, "
-                        "mamba-ssm-ssd, mamba-ssm-mamba3, sdpa); ratios vs the first")
+                   help="comma list: naive, chunked, triton, auto, or a peer (mamba3-ssm, mamba3-ssm-proj, "
+                        "fla-simple-gla, fla-rwkv7, mamba-ssm-ssd, mamba-ssm-mamba3, sdpa); ratios vs the first")
     s.add_argument("--seq-lens", default="1024", help="comma list of sequence lengths")
     s.add_argument("--batch", type=int, default=8)
     s.add_argument("--d-model", type=int, default=128)

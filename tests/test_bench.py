@@ -75,3 +75,39 @@ def test_cli_json_and_table(capsys):
     assert main([*args, "--quiet"]) == 0
     assert "fwd+bwd speed-up vs naive" in capsys.readouterr().out
     assert main(["bench", "--mixer", "M", "--params", "oops"]) == 2
+
+
+def test_mamba3_ssm_peer_and_its_projection_floor(monkeypatch):
+    """The ``mamba3-ssm`` peers with a stand-in package (the real one is optional and not installed in CI): the
+    floor peer runs the very ``in_proj`` / ``out_proj`` of the layer the full peer builds, and only those."""
+    import sys
+    import types
+
+    from torch import nn
+
+    built, called = [], []
+
+    class FakeMamba3(nn.Module):
+        def __init__(self, d_model, *, d_state, expand, headdim, rope_fraction, is_mimo, mimo_rank):
+            super().__init__()
+            self.d_inner = int(expand * d_model)
+            self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * d_state * mimo_rank, bias=False)
+            self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+            self.in_proj.register_forward_hook(lambda *a: called.append("in_proj"))
+            built.append((d_state, headdim, is_mimo, mimo_rank))
+
+        def forward(self, u):
+            called.append("full")
+            return self.out_proj(self.in_proj(u)[..., :self.d_inner].tanh())
+
+    monkeypatch.setitem(sys.modules, "mamba3_ssm", types.SimpleNamespace(Mamba3=FakeMamba3))
+    monkeypatch.setattr(bench, "peer_available", lambda name: True)
+    res = bench.run_bench("M", {**TINY, "mimo_rank": 2}, ["mamba3-ssm", "mamba3-ssm-proj"], [4], batch=1,
+                          d_model=32, repeat=1, warmup=0, modes=("fwd+bwd",))
+    assert [r.error for r in res.rows] == [None, None]
+    assert built == [(8, 16, True, 2)] * 2
+    assert called.count("full") == 1 and called.count("in_proj") == 2  # the floor never runs the layer's forward
+    assert res.rows[1].fwd_bwd_speedup > 0
+    res = bench.run_bench("M", {"variant": "mamba2", "d_state": 8, "headdim": 16}, ["mamba3-ssm-proj"], [4],
+                          batch=1, d_model=32, repeat=1, warmup=0)
+    assert "only variant mamba3" in res.rows[0].error

@@ -50,6 +50,23 @@ def test_chunked_matches_naive(t_len, chunk, groups):
         assert rel(a, b) <= TOL, f"grad {name}: {rel(a, b):.2e}"
 
 
+@pytest.mark.parametrize("form", ["factored", "segsum"])
+def test_intra_forms_and_slicing_match_naive(monkeypatch, form):
+    """Both intra-chunk forms of the shared scan without a diagonal shift, one chunk per slice."""
+    from layers.ops.mamba2 import chunked
+
+    monkeypatch.setattr(chunked, "FACTOR_RANGE", 1e9 if form == "factored" else -1.0)
+    monkeypatch.setattr(chunked, "SLICE_BYTES", 1)
+    inp = inputs(45, 2, seed=3)
+    y0, s0 = ssd_naive(*inp)
+    g0 = torch.autograd.grad(loss_of(y0, s0), inp)
+    y1, s1 = ssd_chunked(*inp, chunk_size=8)
+    g1 = torch.autograd.grad(loss_of(y1, s1), inp)
+    assert rel(y1, y0) <= TOL and rel(s1, s0) <= TOL
+    for name, a, b in zip(NAMES, g1, g0):
+        assert rel(a, b) <= TOL, f"grad {name}: {rel(a, b):.2e}"
+
+
 @pytest.mark.parametrize("fn", [ssd_naive, ssd_chunked], ids=["naive", "chunked"])
 def test_split_with_state_equals_whole(fn):
     x, dt, A, Bm, Cm, h0 = inputs(30, 1, seed=2)

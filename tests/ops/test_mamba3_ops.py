@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from layers.ops import dispatch
+from layers.ops.mamba2 import chunked as scan_core
 from layers.ops.mamba2.naive import ssd_naive
 from layers.ops.mamba3 import mamba3, mamba3_chunked, mamba3_naive, rotate
 
@@ -171,6 +172,54 @@ def test_strong_decay_long_chunk_stays_exact():
         y0, _ = call(mamba3_naive, inp, "half")
         y1, _ = call(mamba3_chunked, inp, "half", chunk=64)
     assert torch.isfinite(y1).all() and rel(y1, y0) <= TOL
+
+
+@pytest.mark.parametrize("r", [1, 2])
+@pytest.mark.parametrize("decay", [2.0, 40.0], ids=["decay2", "decay40"])
+@pytest.mark.parametrize("form", ["auto", "segsum"])
+def test_intra_forms_and_slicing_match_naive_with_grads(monkeypatch, form, decay, r):
+    """The scan's two intra-chunk forms, ``exp(acs_t - ref)·exp(ref - acs_s)`` factored and ``exp(segsum)``,
+    with every gradient, at one chunk per slice: under strong decay one call mixes factored and segsum slices."""
+    if form == "segsum":
+        monkeypatch.setattr(scan_core, "FACTOR_RANGE", -1.0)
+    monkeypatch.setattr(scan_core, "SLICE_BYTES", 1)
+    seen = []
+    init = scan_core._Intra.__init__
+
+    def spy(self, *args):
+        init(self, *args)
+        seen.append(self.factored)
+
+    monkeypatch.setattr(scan_core._Intra, "__init__", spy)
+    pairing = "interleaved" if r == 1 else "half"
+    inp = inputs(70, r, 2, seed=r + int(decay), decay=decay)
+    ref_y, ref_s = call(mamba3_naive, inp, pairing)
+    ref_grads = torch.autograd.grad(loss_of(ref_y, ref_s), list(leaves(inp).values()))
+    y, s = call(mamba3_chunked, inp, pairing, chunk=16)
+    grads = torch.autograd.grad(loss_of(y, s), list(leaves(inp).values()))
+    assert torch.isfinite(y).all() and rel(y, ref_y) <= TOL
+    for name in ref_s:
+        assert rel(s[name], ref_s[name]) <= TOL, name
+    for name, g, rg in zip(leaves(inp), grads, ref_grads):
+        assert rel(g, rg) <= TOL, f"grad {name}: {rel(g, rg):.2e}"
+    assert len(seen) == 2 * B * H * 5  # forward and backward, one slice per chunk (5 chunks of 16 for 70)
+    expected = {"segsum": {False}, "auto": {True, False} if decay > 10 else {True}}[form]
+    assert set(seen) == expected
+
+
+def test_odd_state_dim_rotates_with_the_unpaired_dim_kept():
+    """An odd N (interleaved only) keeps the real-valued rotation; chunked still equals the oracle."""
+    inp = inputs(21, 1, 2, seed=9)
+    odd = {k: v for k, v in inp.items()}
+    odd["q"], odd["k"] = inp["q"][..., :7].detach(), inp["k"][..., :7].detach()
+    odd["state"] = {**inp["state"], "ssm": inp["state"]["ssm"][..., :7].detach(),
+                    "k": inp["state"]["k"][..., :7].detach()}
+    with torch.no_grad():
+        y0, s0 = call(mamba3_naive, odd, "interleaved")
+        y1, s1 = call(mamba3_chunked, odd, "interleaved")
+    assert rel(y1, y0) <= TOL
+    for name in s0:
+        assert rel(s1[name], s0[name]) <= TOL, name
 
 
 def test_dispatch_forces_backend(monkeypatch):

@@ -42,8 +42,11 @@ def mamba3_with_scan(scan, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, a:
 
     theta = st["angle"].to(torch.float64)[:, None] + dtheta.to(torch.float64).cumsum(dim=1)
     theta = torch.remainder(theta, TWO_PI).to(f32)  # (B, T, H, S)
-    qr = rotate(q.to(f32), theta[:, :, None], pairing)  # (B, T, R, H, N)
-    kr = rotate(k.to(f32), theta[:, :, None], pairing)
+    # the scan runs in the state basis where rotary pairs are adjacent (see ``_PairOrder``); q·k and H q do not
+    # depend on the order of N, so only the small decode state crosses between the two orders
+    order = _PairOrder(pairing, n)
+    qr = order.rotate(order.to_pairs(q.to(f32)), theta)  # (B, T, R, H, N), pair order
+    kr = order.rotate(order.to_pairs(k.to(f32)), theta)
     wx = w_x.to(f32) if w_x is not None else None
 
     nxt = (1 - lf) * dtf  # (1-λ_t) Δ_t, used by the token before t
@@ -52,8 +55,41 @@ def mamba3_with_scan(scan, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, a:
 
     v_prev = st["v"].to(f32)[:, None] * (wx if wx is not None else 1.0)
     h0 = st["ssm"].to(f32) + nxt[:, 0, :, None, None] * torch.einsum("brhp,brhn->bhpn", v_prev, st["k"].to(f32))
-    y, last = scan(qr, kr, xf[:, :, None], af, scale, shift, h0, chunk_size, w_v=wx)
+    y, last = scan(qr, kr, xf[:, :, None], af, scale, shift, order.to_pairs(h0), chunk_size, w_v=wx)
     # clones: a view would keep the whole (B, T, ...) tensors alive in the decode cache
-    new_state = {"angle": theta[:, -1].clone(), "ssm": last, "k": kr[:, -1].to(x.dtype, copy=True),
-                 "v": x[:, -1].clone()}
+    new_state = {"angle": theta[:, -1].clone(), "ssm": order.from_pairs(last),
+                 "k": order.from_pairs(kr[:, -1]).to(x.dtype, copy=True), "v": x[:, -1].clone()}
     return y.to(x.dtype), new_state
+
+
+class _PairOrder:
+    """Rotary pairs made adjacent, so a rotation is one complex multiply (a third of the passes of
+    :func:`layers.ops.mamba3.naive.rotate`, forward and backward).
+
+    ``"interleaved"`` pairs ``(2i, 2i+1)`` are adjacent already; ``"half"`` pairs ``(i, i+N/2)`` are reordered to
+    ``(i, i+N/2)`` -> ``(2i, 2i+1)`` (``to_pairs``; ``from_pairs`` undoes it). An odd state dim (interleaved only;
+    its last dim never pairs) keeps ``rotate``.
+    """
+
+    def __init__(self, pairing: str, n: int):
+        if pairing not in ("interleaved", "half"):
+            raise ValueError(f"unknown rotary pairing {pairing!r}; use 'interleaved' or 'half'")
+        if pairing == "half" and n % 2:
+            raise ValueError(f"rotate-half pairing needs an even state dim, got {n}")
+        self.pairing, self.n, self.swap = pairing, n, pairing == "half"
+
+    def to_pairs(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (2, self.n // 2)).transpose(-1, -2).flatten(-2) if self.swap else x
+
+    def from_pairs(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.n // 2, 2)).transpose(-1, -2).flatten(-2) if self.swap else x
+
+    def rotate(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """``x (B, T, R, H, N)`` in pair order by ``theta (B, T, H, S)``."""
+        if self.n % 2:
+            return rotate(x, theta[:, :, None], self.pairing)
+        half = self.n // 2
+        theta = F.pad(theta, (0, half - theta.shape[-1]))  # pairs past S: angle 0
+        rot = torch.polar(torch.ones_like(theta), theta)[:, :, None]  # (B, T, 1, H, N/2)
+        xc = torch.view_as_complex(x.contiguous().unflatten(-1, (half, 2)))
+        return torch.view_as_real(xc * rot).flatten(-2)

@@ -45,8 +45,9 @@ def mamba3_with_scan(scan, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, a:
     # the scan runs in the state basis where rotary pairs are adjacent (see ``_PairOrder``); q·k and H q do not
     # depend on the order of N, so only the small decode state crosses between the two orders
     order = _PairOrder(pairing, n)
-    qr = order.rotate(order.to_pairs(q.to(f32)), theta)  # (B, T, R, H, N), pair order
-    kr = order.rotate(order.to_pairs(k.to(f32)), theta)
+    rot = order.rotation(theta)
+    qr = order.rotate(order.to_pairs(q.to(f32)), theta, rot)  # (B, T, R, H, N), pair order
+    kr = order.rotate(order.to_pairs(k.to(f32)), theta, rot)
     wx = w_x.to(f32) if w_x is not None else None
 
     nxt = (1 - lf) * dtf  # (1-λ_t) Δ_t, used by the token before t
@@ -84,12 +85,19 @@ class _PairOrder:
     def from_pairs(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.n // 2, 2)).transpose(-1, -2).flatten(-2) if self.swap else x
 
-    def rotate(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        """``x (B, T, R, H, N)`` in pair order by ``theta (B, T, H, S)``."""
+    def rotation(self, theta: torch.Tensor) -> torch.Tensor | None:
+        """``exp(iθ)`` for every pair, ``(B, T, 1, H, N/2)`` complex (1 past the S angles); ``None`` for odd N."""
         if self.n % 2:
+            return None
+        extra = self.n // 2 - theta.shape[-1]
+        cos, sin = theta.cos(), theta.sin()
+        if extra:
+            cos, sin = F.pad(cos, (0, extra), value=1.0), F.pad(sin, (0, extra))
+        return torch.complex(cos, sin)[:, :, None]
+
+    def rotate(self, x: torch.Tensor, theta: torch.Tensor, rot: torch.Tensor | None) -> torch.Tensor:
+        """``x (B, T, R, H, N)`` in pair order by ``theta (B, T, H, S)``, ``rot = rotation(theta)``."""
+        if rot is None:
             return rotate(x, theta[:, :, None], self.pairing)
-        half = self.n // 2
-        theta = F.pad(theta, (0, half - theta.shape[-1]))  # pairs past S: angle 0
-        rot = torch.polar(torch.ones_like(theta), theta)[:, :, None]  # (B, T, 1, H, N/2)
-        xc = torch.view_as_complex(x.contiguous().unflatten(-1, (half, 2)))
+        xc = torch.view_as_complex(x.contiguous().unflatten(-1, (self.n // 2, 2)))
         return torch.view_as_real(xc * rot).flatten(-2)

@@ -2,7 +2,9 @@
 # The M mixer on the CPU at batch 8, length 1024, d_model 128, d_state 32, headdim 32, expand 2:
 # chunked vs naive (forward and forward+backward) for Mamba-3 SISO, MIMO R=2 and Mamba-2; then, only where the
 # PyPI package mamba3-ssm (0.2.1, pure PyTorch loops, time only: its math differs) imports, chunked vs it;
-# then the worst chunked-vs-naive relative errors of the op tests. Records everything in output.txt.
+# with mamba3-ssm-proj (that layer's own in_proj/out_proj alone: the floor of any backend, so mamba3-ssm /
+# mamba3-ssm-proj is the most any implementation can gain on it); then the worst chunked-vs-naive relative errors
+# of the op tests. Records everything in output.txt.
 # Run from anywhere:  bash experiments/mamba_cpu/run.sh
 # (mamba3-ssm is never a requirement; to include it: pip install --no-deps --target DIR mamba3-ssm==0.2.1 and
 #  PYTHONPATH=DIR bash experiments/mamba_cpu/run.sh)
@@ -21,8 +23,9 @@ configs=("variant=mamba3,mimo_rank=1,d_state=32,headdim=32,expand=2"
   done
   if python -c 'import mamba3_ssm' 2>/dev/null; then
     for p in "${configs[@]:0:2}"; do
-      echo; echo "\$ hybridnas bench --mixer M --params $p --backends mamba3-ssm,chunked $shape --modes fwd+bwd --budget 30"
-      hybridnas bench --mixer M --params "$p" --backends mamba3-ssm,chunked $shape --modes fwd+bwd --budget 30 --quiet
+      echo; echo "\$ hybridnas bench --mixer M --params $p --backends mamba3-ssm,mamba3-ssm-proj,chunked $shape --modes fwd+bwd --repeat 5 --budget 30"
+      hybridnas bench --mixer M --params "$p" --backends mamba3-ssm,mamba3-ssm-proj,chunked $shape --modes fwd+bwd \
+        --repeat 5 --budget 30 --quiet
     done
   else
     echo; echo "# mamba3-ssm is not importable here: not measured"

@@ -114,16 +114,18 @@ def _diag_blocks(m: torch.Tensor, r: int, c: int) -> torch.Tensor:
 
 
 #: A chunk whose cumulative log-decay spans at most this much has ``L[t, s] = exp(acs_t - acs_s)`` factored as
-#: ``exp(acs_t - ref) · exp(ref - acs_s)`` about the span's midpoint (factors within ``e^±30``): 2C exponentials per
+#: ``exp(acs_t - ref) · exp(ref - acs_s)`` about the span's midpoint (factors within ``e^±20``): 2C exponentials per
 #: chunk instead of C² (``exp`` over the masked block, ``-inf`` and underflow included, was the slowest pass).
-#: Slices holding a chunk with a wider span use ``exp(segsum)``, exact for any decay.
-FACTOR_RANGE = 60.0
+#: Slices holding a chunk with a wider span use ``exp(segsum)``, exact for any decay. (Mamba's |A·Δ| per token is
+#: ~0.1 at initialization, a span of ~6 over 64 tokens.)
+FACTOR_RANGE = 40.0
 
 
 def _causal_mask(r: int, c: int, device: torch.device) -> torch.Tensor:
-    """``kron(ones(R, R), triu(ones(C, C), 1))`` as bool ``(RC, RC)``: the entries with ``s > t``."""
-    upper = torch.ones(c, c, dtype=torch.bool, device=device).triu(1)
-    return upper.repeat(r, r)
+    """``kron(ones(R, R), tril(ones(C, C)))``, fp32 ``(RC, RC)``: 1 where ``s <= t``. A multiply, 15x faster
+    than ``masked_fill_`` with a broadcast bool mask on CPU; the entries it zeroes are finite (factored slices
+    only, whose factors stay within ``e^±FACTOR_RANGE/2``)."""
+    return torch.ones(c, c, device=device).tril_().repeat(r, r)
 
 
 class _Intra:
@@ -154,7 +156,7 @@ class _Intra:
     def block(self) -> torch.Tensor:
         r, c = self.r, self.c
         if self.factored:
-            m = torch.bmm(_rows(self.qf), _rows(self.kf).transpose(1, 2)).masked_fill_(self.mask, 0.0)
+            m = torch.bmm(_rows(self.qf), _rows(self.kf).transpose(1, 2)).mul_(self.mask)
         else:
             m = _kron_mul(torch.bmm(_rows(self.qz), _rows(self.kf).transpose(1, 2)), self.lr, r, inplace=True)
         self.qk = None
@@ -176,7 +178,7 @@ class _Intra:
                     dq[:, i].addcmul_(dqk[:, i, j, :, None], kz[:, j])
                     dk[:, j].addcmul_(dqk[:, i, j, :, None], qz[:, i])
         if self.factored:
-            dm.masked_fill_(self.mask, 0.0)
+            dm.mul_(self.mask)
             dqf = torch.bmm(dm, _rows(self.kf)).view(qz.shape)
             dkf = torch.bmm(dm.transpose(1, 2), _rows(self.qf)).view(kz.shape)
             dq.addcmul_(dqf, self.e_plus[:, None, :, None])

@@ -349,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hybridnas.runtime import tune_malloc
+
+    tune_malloc()  # large CPU temporaries reused, not re-faulted every step
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

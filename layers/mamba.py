@@ -47,6 +47,11 @@ def rms(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tenso
     return xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight
 
 
+def pairs_adjacent(x: torch.Tensor) -> torch.Tensor:
+    """Reorder the last axis (even N) so rotate-half pairs ``(i, i + N/2)`` become ``(2i, 2i + 1)``."""
+    return x.unflatten(-1, (2, x.shape[-1] // 2)).transpose(-1, -2).flatten(-2)
+
+
 def num_rope_angles(d_state: int, rope_fraction: float) -> int:
     split = int(d_state * rope_fraction)
     return (split - split % 2) // 2
@@ -66,10 +71,17 @@ class Mamba(Layer):
 
     Decoding state: Mamba-3 ``{"angle" (B, H, S) fp32, "ssm" (B, H, P, N) fp32, "k" (B, R, H, N), "v" (B, H, P)}``;
     Mamba-2 ``{"conv" (B, conv_dim, K - 1), "ssm" (B, H, P, N) fp32}``. Fixed size.
+
+    MIMO computes in a basis where the rotate-half pairs ``(i, i + N/2)`` are adjacent (``adjacent_pairs``): B, C
+    and their norm weights and biases are reordered while small (before the per-head bias spreads them over heads)
+    and the op runs its interleaved rotary, which is the same rotation. Outputs and gradients are those of the
+    rotate-half form (tested); parameters keep the reference layout; the decode state's N axis is in the adjacent
+    order, which only this layer reads.
     ``chunk_size`` (tokens per chunk of the chunked path) defaults to ``64 // R`` (min 8), as the reference.
     """
 
     state_grows: ClassVar[bool] = False
+    adjacent_pairs: ClassVar[bool] = True
 
     @dataclass
     class Config:
@@ -212,15 +224,24 @@ class Mamba(Layer):
         h, p, n, r = self.nheads, self.headdim, self.d_state, self.rank
         z, x, B, C, dd_dt, dd_A, trap, ang = self.in_proj(u).split(self.splits, dim=-1)
         x = x.reshape(b, t, h, p)
+        B, C = B.reshape(b, t, r, 1, n), C.reshape(b, t, r, 1, n)
+        b_norm, c_norm, b_bias, c_bias = self.B_norm, self.C_norm, self.B_bias, self.C_bias
+        pairing = "interleaved"
+        if r > 1:
+            if self.adjacent_pairs:  # see the class docstring: rotate-half pairs made adjacent before the head
+                # expansion, so the op rotates with one complex multiply and reorders nothing rank-and-head sized
+                B, C, b_norm, c_norm, b_bias, c_bias = map(pairs_adjacent, (B, C, b_norm, c_norm, b_bias, c_bias))
+            else:
+                pairing = "half"
         # RMSNorm over N (shared across heads), then the per-head bias: (B, T, R, H, N)
-        k = rms(B.reshape(b, t, r, 1, n), self.B_norm) + self.B_bias.transpose(0, 1)
-        q = rms(C.reshape(b, t, r, 1, n), self.C_norm) + self.C_bias.transpose(0, 1)
+        k = rms(B, b_norm) + b_bias.transpose(0, 1)
+        q = rms(C, c_norm) + c_bias.transpose(0, 1)
         dt = F.softplus(dd_dt.float() + self.dt_bias)
         a = -heavy_tail(dd_A.float()).clamp(min=self.config.a_floor) * dt
         lam = torch.sigmoid(trap.float())
         dtheta = dt[..., None] * (math.pi * torch.tanh(ang.float()))[:, :, None, :]  # (B, T, H, S)
         w_x = self.mimo_x.transpose(0, 1) if r > 1 else None  # (R, H, P)
-        y, new_state = mamba3(x, q, k, a, dt, lam, dtheta, state, w_x, pairing="half" if r > 1 else "interleaved",
+        y, new_state = mamba3(x, q, k, a, dt, lam, dtheta, state, w_x, pairing=pairing,
                               chunk_size=self.chunk, config_backend=self.config.backend)
         d_skip = self.D[:, None] * w_x if w_x is not None else self.D[:, None]  # D·v = x ⊙ (D·W_x), folded
         y = y.float() + x[:, :, None].float() * d_skip  # (B, T, R, H, P)

@@ -4,8 +4,8 @@ PyTorch's CPU allocator takes every tensor from ``malloc``. glibc serves blocks 
 raised on the fly up to 32 MiB) with fresh ``mmap`` pages and returns them on ``free``, so each large temporary of a
 forward and backward pays page faults and the kernel zeroing its pages, and the top of the heap is trimmed back to
 the system after each step. Fixing the threshold at 32 MiB and trimming only above 1 GiB lets those blocks be reused
-from the heap: a chunked ``M`` layer's forward+backward (batch 8, length 1024, 2 cores) went from 204 to 167 ms
-(Mamba-3 SISO), 411 to 388 ms (MIMO R=2) and 220 to 191 ms (Mamba-2), best of 3 alternating rounds
+from the heap: a chunked ``M`` layer's forward+backward (batch 8, length 1024, 2 cores) went from 194 to 165 ms
+(Mamba-3 SISO), 349 to 310 ms (MIMO R=2) and 194 to 185 ms (Mamba-2), best of 3 alternating rounds
 (``experiments/mamba_cpu/ab_output.txt``). The cost: freed memory stays with the process (its resident size holds
 near the peak), which is what a training process wants.
 

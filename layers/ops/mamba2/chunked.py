@@ -209,9 +209,10 @@ class _ChunkScan(torch.autograd.Function):
 
     Autograd through ~20 element-wise passes over whole ``C x C`` (rank-expanded ``RC x RC``) tensors was most
     of the layer's time on CPU. Here ``scale`` is folded into K and the diagonal correction is kept apart, so
-    per chunk ``M = (Q K̃ᵀ) ⊙ kron(L) - diag(shift ⊙ q·k)``, and the backward needs two products per block,
-    ``dS̃ = dM ⊙ kron(L)`` and ``dM ⊙ M``, whose row sums minus column sums are the cumulative decay's gradient
-    (the diagonal cancels there). Blocks are made slice by slice (:data:`SLICE_BYTES`) and never saved: the
+    per chunk ``M = (Q K̃ᵀ) ⊙ kron(L) - diag(shift ⊙ q·k)`` (see :class:`_Intra` for its two forms). The decay's
+    gradient comes from row and column scalings (factored form) or from the row sums minus column sums of
+    ``dM ⊙ M`` (``exp(segsum)`` form; the diagonal cancels there), never from autograd through the ``C x C``
+    passes. Blocks are made slice by slice (:data:`SLICE_BYTES`) and never saved: the
     backward recomputes them, as flash attention does, so the saved tensors are the blocked inputs and the
     state entering each chunk.
     """

@@ -34,7 +34,7 @@ from hybridnas.registry import register_layer
 from layers.base import Layer, LayerConfigError
 from layers.ops import dispatch
 from layers.ops.mamba2 import ssd
-from layers.ops.mamba3 import mamba3
+from layers.ops.mamba3 import mamba3, pairs_adjacent
 
 
 def heavy_tail(u: torch.Tensor) -> torch.Tensor:
@@ -45,11 +45,6 @@ def heavy_tail(u: torch.Tensor) -> torch.Tensor:
 def rms(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     xf = x.float()
     return xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight
-
-
-def pairs_adjacent(x: torch.Tensor) -> torch.Tensor:
-    """Reorder the last axis (even N) so rotate-half pairs ``(i, i + N/2)`` become ``(2i, 2i + 1)``."""
-    return x.unflatten(-1, (2, x.shape[-1] // 2)).transpose(-1, -2).flatten(-2)
 
 
 def num_rope_angles(d_state: int, rope_fraction: float) -> int:

@@ -199,9 +199,14 @@ class _Intra:
         dacs += dl.sum(dim=-1) - dl.sum(dim=-2)
 
 
+def _w_blocks(w_v: torch.Tensor) -> torch.Tensor:
+    """``w_v (R, H, P)`` broadcastable against blocked values ``(B, H, nc, R, C, P)``."""
+    return w_v.permute(1, 0, 2)[None, :, None, :, None, :]
+
+
 def _mix(vb: torch.Tensor, w_v: torch.Tensor | None) -> torch.Tensor:
     """Blocked values ``(B, H, nc, 1, C, P)`` times ``w_v (R, H, P)`` -> ``(B, H, nc, R, C, P)`` (as is without)."""
-    return vb * w_v.permute(1, 0, 2)[None, :, None, :, None, :] if w_v is not None else vb
+    return vb * _w_blocks(w_v) if w_v is not None else vb
 
 
 class _ChunkScan(torch.autograd.Function):
@@ -326,7 +331,7 @@ class _ChunkScan(torch.autograd.Function):
         if w_v is not None:
             if ctx.needs_input_grad[7]:
                 dw_v = (dvb * vb0).sum(dim=(0, 2, 4)).permute(1, 0, 2)  # (H, R, P) -> (R, H, P)
-            dvb = (dvb * w_v.permute(1, 0, 2)[None, :, None, :, None, :]).sum(dim=3, keepdim=True)
+            dvb = (dvb * _w_blocks(w_v)).sum(dim=3, keepdim=True)
 
         def back(x: torch.Tensor) -> torch.Tensor:
             return lay.unblocks(x.view(bsz, h, nc, -1, c, x.shape[-1]))

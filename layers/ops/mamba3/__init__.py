@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 from layers.ops import dispatch
-from layers.ops.mamba3.chunked import mamba3_chunked
+from layers.ops.mamba3.chunked import mamba3_chunked, pairs_adjacent
 from layers.ops.mamba3.naive import mamba3_naive, rotate, zero_state
 
-__all__ = ["BACKENDS", "mamba3", "mamba3_chunked", "mamba3_naive", "rotate", "zero_state"]
+__all__ = ["BACKENDS", "mamba3", "mamba3_chunked", "mamba3_naive", "pairs_adjacent", "rotate", "zero_state"]
 
 BACKENDS: dict[str, Any] = {"naive": mamba3_naive, "chunked": mamba3_chunked}
 BACKENDS.update(dispatch.triton_backend("layers.ops.mamba3.triton", "mamba3_triton"))  # where triton is installed

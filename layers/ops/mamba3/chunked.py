@@ -63,6 +63,16 @@ def mamba3_with_scan(scan, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, a:
     return y.to(x.dtype), new_state
 
 
+def pairs_adjacent(x: torch.Tensor) -> torch.Tensor:
+    """Reorder the last axis (even N) so rotate-half pairs ``(i, i + N/2)`` become ``(2i, 2i + 1)``."""
+    return x.unflatten(-1, (2, x.shape[-1] // 2)).transpose(-1, -2).flatten(-2)
+
+
+def pairs_split(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pairs_adjacent`."""
+    return x.unflatten(-1, (x.shape[-1] // 2, 2)).transpose(-1, -2).flatten(-2)
+
+
 class _PairOrder:
     """Rotary pairs made adjacent, so a rotation is one complex multiply (a third of the passes of
     :func:`layers.ops.mamba3.naive.rotate`, forward and backward).
@@ -80,10 +90,10 @@ class _PairOrder:
         self.pairing, self.n, self.swap = pairing, n, pairing == "half"
 
     def to_pairs(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (2, self.n // 2)).transpose(-1, -2).flatten(-2) if self.swap else x
+        return pairs_adjacent(x) if self.swap else x
 
     def from_pairs(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.n // 2, 2)).transpose(-1, -2).flatten(-2) if self.swap else x
+        return pairs_split(x) if self.swap else x
 
     def rotation(self, theta: torch.Tensor) -> torch.Tensor | None:
         """``exp(iθ)`` for every pair, ``(B, T, 1, H, N/2)`` complex (1 past the S angles); ``None`` for odd N."""

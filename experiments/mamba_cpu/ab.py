@@ -23,30 +23,18 @@ from pathlib import Path
 CONFIGS = ["variant=mamba3,mimo_rank=1", "variant=mamba3,mimo_rank=2", "variant=mamba2"]
 
 CHILD = """
-import sys, time
+import sys
 sys.path.insert(0, sys.argv[1])
 if sys.argv[3] == "tuned":
     from hybridnas.runtime import tune_malloc
     assert tune_malloc()
-import torch
-from hybridnas import registry
 import layers
+from hybridnas.bench import parse_params, run_bench
 assert layers.__file__.startswith(sys.argv[1]), layers.__file__
-params = {k: (int(v) if v.isdigit() else v) for k, v in (p.split("=") for p in sys.argv[2].split(","))}
-torch.manual_seed(0)
-m = registry.get("M").build(128, {**params, "d_state": 32, "headdim": 32, "expand": 2, "backend": "chunked"})
-x, g = torch.randn(8, 1024, 128), torch.randn(8, 1024, 128)
-def f():
-    m.zero_grad(set_to_none=True)
-    m(x).backward(g)
-for _ in range(2):
-    f()
-ts = []
-for _ in range(11):
-    t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
-print(sorted(ts)[5])
+params = {**parse_params(sys.argv[2]), "d_state": 32, "headdim": 32, "expand": 2}
+res = run_bench("M", params, ["chunked"], [1024], repeat=11, warmup=2, modes=("fwd+bwd",))
+print(res.rows[0].fwd_bwd_s)
 """
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

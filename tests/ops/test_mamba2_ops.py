@@ -40,7 +40,11 @@ NAMES = ["x", "dt", "A", "B", "C", "state"]
 @pytest.mark.parametrize("groups", [1, H], ids=["G1", f"G{H}"])
 @pytest.mark.parametrize("t_len, chunk", [(1, 8), (7, 8), (33, 8), (65, 16)], ids=lambda v: str(v))
 def test_chunked_matches_naive(t_len, chunk, groups):
-    inp = inputs(t_len, groups, seed=t_len + groups)
+    assert_chunked_matches_naive(inputs(t_len, groups, seed=t_len + groups), chunk)
+
+
+def assert_chunked_matches_naive(inp: list[torch.Tensor], chunk: int) -> None:
+    """Output, final state and every input gradient, chunked against the oracle."""
     y0, s0 = ssd_naive(*inp)
     g0 = torch.autograd.grad(loss_of(y0, s0), inp)
     y1, s1 = ssd_chunked(*inp, chunk_size=chunk)
@@ -57,14 +61,7 @@ def test_intra_forms_and_slicing_match_naive(monkeypatch, form):
 
     monkeypatch.setattr(chunked, "FACTOR_RANGE", 1e9 if form == "factored" else -1.0)
     monkeypatch.setattr(chunked, "SLICE_BYTES", 1)
-    inp = inputs(45, 2, seed=3)
-    y0, s0 = ssd_naive(*inp)
-    g0 = torch.autograd.grad(loss_of(y0, s0), inp)
-    y1, s1 = ssd_chunked(*inp, chunk_size=8)
-    g1 = torch.autograd.grad(loss_of(y1, s1), inp)
-    assert rel(y1, y0) <= TOL and rel(s1, s0) <= TOL
-    for name, a, b in zip(NAMES, g1, g0):
-        assert rel(a, b) <= TOL, f"grad {name}: {rel(a, b):.2e}"
+    assert_chunked_matches_naive(inputs(45, 2, seed=3), chunk=8)
 
 
 @pytest.mark.parametrize("fn", [ssd_naive, ssd_chunked], ids=["naive", "chunked"])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridnas.registry import register_layer
-from layers.base import Layer, LayerConfigError
+from layers.base import Layer, LayerConfigError, require_at_least, require_positive
 
 # SDPA grew ``enable_gqa`` in torch 2.5; before that the kv heads are repeated explicitly.
 _HAS_ENABLE_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -92,24 +92,22 @@ class Attention(Layer):
     @classmethod
     def check_config(cls, d_model: int, config: Config) -> None:
         super().check_config(d_model, config)
-        if config.n_heads < 1:
-            raise LayerConfigError("n_heads", f"n_heads must be >= 1, got {config.n_heads}")
+        require_at_least(config, 1, "n_heads")
         if config.head_dim is None and d_model % config.n_heads:
             raise LayerConfigError("n_heads", f"d_model={d_model} is not divisible by n_heads={config.n_heads} "
                                               "(or set head_dim)")
-        if config.head_dim is not None and config.head_dim < 1:
-            raise LayerConfigError("head_dim", f"head_dim must be >= 1, got {config.head_dim}")
+        if config.head_dim is not None:
+            require_at_least(config, 1, "head_dim")
         if config.n_kv_heads is not None:
-            if config.n_kv_heads < 1:
-                raise LayerConfigError("n_kv_heads", f"n_kv_heads must be >= 1, got {config.n_kv_heads}")
+            require_at_least(config, 1, "n_kv_heads")
             if config.n_heads % config.n_kv_heads:
                 raise LayerConfigError("n_kv_heads", f"n_heads={config.n_heads} is not divisible by "
                                                      f"n_kv_heads={config.n_kv_heads}")
         _, _, hd = cls._dims(d_model, config)
         if config.rope and hd % 2:
             raise LayerConfigError("head_dim", f"head_dim={hd} must be even for RoPE (or set rope=False)")
-        if config.rope and not config.rope_theta > 0:
-            raise LayerConfigError("rope_theta", f"rope_theta must be positive, got {config.rope_theta}")
+        if config.rope:
+            require_positive(config, "rope_theta")
         if config.window is not None and config.window < 1:
             raise LayerConfigError("window", f"window must be >= 1 or None, got {config.window}")
 

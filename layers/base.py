@@ -37,6 +37,22 @@ class LayerConfigError(ValueError):
         super().__init__(message)
 
 
+def require_at_least(config: Any, low: int, *names: str) -> None:
+    """:class:`LayerConfigError` for the first of ``names`` whose value in ``config`` is below ``low``."""
+    for name in names:
+        value = getattr(config, name)
+        if value < low:
+            raise LayerConfigError(name, f"{name} must be >= {low}, got {value}")
+
+
+def require_positive(config: Any, *names: str) -> None:
+    """:class:`LayerConfigError` for the first of ``names`` whose value in ``config`` is not ``> 0`` (NaN included)."""
+    for name in names:
+        value = getattr(config, name)
+        if not value > 0:
+            raise LayerConfigError(name, f"{name} must be positive, got {value}")
+
+
 class Layer(nn.Module):
     """Base class of every registered layer. Subclasses set ``Config`` (a dataclass) and ``kind``."""
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridnas.registry import register_layer
-from layers.base import LayerConfigError, TokenwiseLayer
+from layers.base import TokenwiseLayer, require_at_least, require_positive
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -64,10 +64,8 @@ class SwiGLU(TokenwiseLayer):
     @classmethod
     def check_config(cls, d_model: int, config: Config) -> None:
         super().check_config(d_model, config)
-        if not config.expand > 0:
-            raise LayerConfigError("expand", f"expand must be positive, got {config.expand}")
-        if config.multiple_of < 1:
-            raise LayerConfigError("multiple_of", f"multiple_of must be >= 1, got {config.multiple_of}")
+        require_positive(config, "expand")
+        require_at_least(config, 1, "multiple_of")
 
     @classmethod
     def param_count(cls, d_model: int, config: Config) -> int:

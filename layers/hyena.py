@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridnas.registry import register_layer
-from layers.base import Layer, LayerConfigError
+from layers.base import Layer, LayerConfigError, require_at_least
 from layers.ops.hyena import long_conv
 
 FILTERS = ("implicit", "modal")
@@ -158,20 +158,13 @@ class Hyena(Layer):
     @classmethod
     def check_config(cls, d_model: int, config: Config) -> None:
         super().check_config(d_model, config)
-        if config.order < 2:
-            raise LayerConfigError("order", f"order must be >= 2, got {config.order}")
+        require_at_least(config, 2, "order")
         if config.filter not in FILTERS:
             raise LayerConfigError("filter", f"filter must be one of {FILTERS}, got {config.filter!r}")
-        if config.filter_order < 1:
-            raise LayerConfigError("filter_order", f"filter_order must be >= 1, got {config.filter_order}")
+        require_at_least(config, 1, "filter_order")
         if config.emb_dim < 3 or config.emb_dim % 2 == 0:
             raise LayerConfigError("emb_dim", f"emb_dim must be odd and >= 3, got {config.emb_dim}")
-        if config.l_max < 1:
-            raise LayerConfigError("l_max", f"l_max must be >= 1, got {config.l_max}")
-        if config.modal_state < 1:
-            raise LayerConfigError("modal_state", f"modal_state must be >= 1, got {config.modal_state}")
-        if config.short_filter < 1:
-            raise LayerConfigError("short_filter", f"short_filter must be >= 1, got {config.short_filter}")
+        require_at_least(config, 1, "l_max", "modal_state", "short_filter")
 
     @classmethod
     def param_count(cls, d_model: int, config: Config) -> int:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridnas.registry import register_layer
-from layers.base import Layer, LayerConfigError
+from layers.base import Layer, LayerConfigError, require_at_least, require_positive
 from layers.ops import dispatch
 from layers.ops.mamba2 import ssd
 from layers.ops.mamba3 import mamba3, pairs_adjacent
@@ -138,32 +138,25 @@ class Mamba(Layer):
         c = config
         if c.variant not in ("mamba3", "mamba2"):
             raise LayerConfigError("variant", f"variant must be 'mamba3' or 'mamba2', got {c.variant!r}")
-        if c.d_state < 1:
-            raise LayerConfigError("d_state", f"d_state must be >= 1, got {c.d_state}")
-        if c.headdim < 1:
-            raise LayerConfigError("headdim", f"headdim must be >= 1, got {c.headdim}")
-        if not c.expand > 0:
-            raise LayerConfigError("expand", f"expand must be positive, got {c.expand}")
+        require_at_least(c, 1, "d_state", "headdim")
+        require_positive(c, "expand")
         d_inner = int(c.expand * d_model)
         if d_inner < c.headdim or d_inner % c.headdim:
             raise LayerConfigError("headdim", f"d_inner = int(expand * d_model) = {d_inner} is not a positive "
                                               f"multiple of headdim={c.headdim}")
-        if c.mimo_rank < 1:
-            raise LayerConfigError("mimo_rank", f"mimo_rank must be >= 1, got {c.mimo_rank}")
+        require_at_least(c, 1, "mimo_rank")
         if c.chunk_size is not None and c.chunk_size < 1:
             raise LayerConfigError("chunk_size", f"chunk_size must be >= 1 or None, got {c.chunk_size}")
         if not 0 < c.dt_min <= c.dt_max:
             raise LayerConfigError("dt_min", f"need 0 < dt_min <= dt_max, got {c.dt_min}, {c.dt_max}")
-        if c.dt_init_floor < 0:
-            raise LayerConfigError("dt_init_floor", f"dt_init_floor must be >= 0, got {c.dt_init_floor}")
+        require_at_least(c, 0, "dt_init_floor")
         if c.backend not in (None, "auto", *dispatch.BACKENDS):
             raise LayerConfigError("backend", f"backend must be auto, {', '.join(dispatch.BACKENDS)} or None, "
                                               f"got {c.backend!r}")
         if c.variant == "mamba2":
             if c.mimo_rank != 1:
                 raise LayerConfigError("mimo_rank", "mimo_rank > 1 (MIMO) exists only for variant 'mamba3'")
-            if c.d_conv < 1:
-                raise LayerConfigError("d_conv", f"d_conv must be >= 1, got {c.d_conv}")
+            require_at_least(c, 1, "d_conv")
             if not 0 < c.a_init_min <= c.a_init_max:
                 raise LayerConfigError("a_init_min", f"need 0 < a_init_min <= a_init_max, got "
                                                      f"{c.a_init_min}, {c.a_init_max}")
@@ -175,8 +168,7 @@ class Mamba(Layer):
                                               f"{c.rope_fraction} (need int(d_state * rope_fraction) >= 2)")
         if c.mimo_rank > 1 and c.d_state % 2:
             raise LayerConfigError("d_state", f"MIMO pairs (i, i + N/2): d_state={c.d_state} must be even")
-        if c.a_floor < 0:
-            raise LayerConfigError("a_floor", f"a_floor must be >= 0, got {c.a_floor}")
+        require_at_least(c, 0, "a_floor")
 
     @classmethod
     def param_count(cls, d_model: int, config: Config) -> int:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridnas.registry import register_layer
-from layers.base import LayerConfigError, TokenwiseLayer
+from layers.base import LayerConfigError, TokenwiseLayer, require_at_least, require_positive
 from layers.ffn import ffn_hidden, swiglu
 
 
@@ -95,17 +95,12 @@ class MoE(TokenwiseLayer):
     @classmethod
     def check_config(cls, d_model: int, config: Config) -> None:
         super().check_config(d_model, config)
-        if config.n_experts < 1:
-            raise LayerConfigError("n_experts", f"n_experts must be >= 1, got {config.n_experts}")
+        require_at_least(config, 1, "n_experts")
         if not 1 <= config.top_k <= config.n_experts:
             raise LayerConfigError("top_k", f"top_k must be in [1, n_experts={config.n_experts}], got {config.top_k}")
-        if not config.expand > 0:
-            raise LayerConfigError("expand", f"expand must be positive, got {config.expand}")
-        if config.multiple_of < 1:
-            raise LayerConfigError("multiple_of", f"multiple_of must be >= 1, got {config.multiple_of}")
-        for name in ("aux_loss_coef", "z_loss_coef"):
-            if getattr(config, name) < 0:
-                raise LayerConfigError(name, f"{name} must be >= 0, got {getattr(config, name)}")
+        require_positive(config, "expand")
+        require_at_least(config, 1, "multiple_of")
+        require_at_least(config, 0, "aux_loss_coef", "z_loss_coef")
         if not 0 <= config.jitter < 1:
             raise LayerConfigError("jitter", f"jitter must be in [0, 1), got {config.jitter}")
 

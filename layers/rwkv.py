@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridnas.registry import register_layer
-from layers.base import Layer, LayerConfigError
+from layers.base import Layer, LayerConfigError, require_at_least, require_positive
 from layers.ops.rwkv7 import rwkv7, rwkv7_step
 
 CTX_V_FIRST = "rwkv7_v_first"
@@ -109,8 +109,7 @@ class RWKV7(Layer):
     @classmethod
     def check_config(cls, d_model: int, config: Config) -> None:
         super().check_config(d_model, config)
-        if config.head_size < 1:
-            raise LayerConfigError("head_size", f"head_size must be >= 1, got {config.head_size}")
+        require_at_least(config, 1, "head_size")
         if d_model % config.head_size:
             raise LayerConfigError("head_size", f"d_model={d_model} is not divisible by head_size="
                                                 f"{config.head_size}")
@@ -118,10 +117,8 @@ class RWKV7(Layer):
             r = getattr(config, name)
             if r is not None and r < 1:
                 raise LayerConfigError(name, f"{name} must be >= 1 or None (fla's default), got {r}")
-        if not config.norm_eps > 0:
-            raise LayerConfigError("norm_eps", f"norm_eps must be positive, got {config.norm_eps}")
-        if config.chunk_size < 1:
-            raise LayerConfigError("chunk_size", f"chunk_size must be >= 1, got {config.chunk_size}")
+        require_positive(config, "norm_eps")
+        require_at_least(config, 1, "chunk_size")
 
     @classmethod
     def param_count(cls, d_model: int, config: Config) -> int:

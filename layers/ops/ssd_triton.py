@@ -31,6 +31,27 @@ from triton.runtime.errors import OutOfResources
 
 
 @triton.jit
+def _tile(N, P, R: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr):
+    """This program's (batch, head) ``bh`` and P-block ``pb``; chunk rows ``j`` = (token ``tj``, rank) pairs with
+    ``first`` marking rank 0; state columns ``n`` and rows ``p`` with their masks; the strictly-earlier and
+    same-token row pairs ``lower``, ``same``; and the state tile's offsets and mask."""
+    bh = tl.program_id(0).to(tl.int64)
+    pb = tl.program_id(1)
+    j = tl.arange(0, BT)
+    n = tl.arange(0, BN)
+    p = pb * BP + tl.arange(0, BP)
+    nm = n < N
+    pm = p < P
+    tj = j // R
+    first = (j % R) == 0
+    lower = tj[:, None] > tj[None, :]
+    same = tj[:, None] == tj[None, :]
+    s_off = bh * P * N + p[:, None] * N + n[None, :]
+    s_mask = pm[:, None] & nm[None, :]
+    return bh, pb, j, n, p, nm, pm, tj, first, lower, same, s_off, s_mask
+
+
+@triton.jit
 def _load_chunk(q_ptr, k_ptr, v_ptr, a_ptr, sc_ptr, sh_ptr, bh, c, T, N, P, j, n, p, nm, pm, tj, first,
                 C: tl.constexpr, R: tl.constexpr):
     """Chunk ``c`` of one (batch, head): rows ``j`` = (token, rank) pairs. Returns the row mask, offsets and masks,
@@ -55,19 +76,7 @@ def _ssd_fwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, sc_ptr, sh_ptr, h0_ptr, y_ptr, h
                     T, N, P, NC,
                     C: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
                     STORE: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
-    pb = tl.program_id(1)
-    j = tl.arange(0, BT)
-    n = tl.arange(0, BN)
-    p = pb * BP + tl.arange(0, BP)
-    nm = n < N
-    pm = p < P
-    tj = j // R
-    first = (j % R) == 0
-    lower = tj[:, None] > tj[None, :]
-    same = tj[:, None] == tj[None, :]
-    s_off = bh * P * N + p[:, None] * N + n[None, :]
-    s_mask = pm[:, None] & nm[None, :]
+    bh, pb, j, n, p, nm, pm, tj, first, lower, same, s_off, s_mask = _tile(N, P, R, BT, BN, BP)
     S = tl.load(h0_ptr + s_off, mask=s_mask, other=0.0).to(tl.float32)  # (BP, BN)
     for c in range(NC):
         rm, row, qk_mask, v_mask, Q, K, V, s, d, acs, tot = _load_chunk(
@@ -90,19 +99,7 @@ def _ssd_bwd_kernel(q_ptr, k_ptr, v_ptr, a_ptr, sc_ptr, sh_ptr, st_ptr, dy_ptr, 
                     dq_ptr, dk_ptr, dv_ptr, da_ptr, dsc_ptr, dsh_ptr, dh0_ptr,
                     BH, T, N, P, NC,
                     C: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
-    pb = tl.program_id(1)
-    j = tl.arange(0, BT)
-    n = tl.arange(0, BN)
-    p = pb * BP + tl.arange(0, BP)
-    nm = n < N
-    pm = p < P
-    tj = j // R
-    first = (j % R) == 0
-    lower = tj[:, None] > tj[None, :]
-    same = tj[:, None] == tj[None, :]
-    s_off = bh * P * N + p[:, None] * N + n[None, :]
-    s_mask = pm[:, None] & nm[None, :]
+    bh, pb, j, n, p, nm, pm, tj, first, lower, same, s_off, s_mask = _tile(N, P, R, BT, BN, BP)
     part = pb.to(tl.int64) * BH * T * R  # this P-block's slice of the partial buffers
     G = tl.load(dht_ptr + s_off, mask=s_mask, other=0.0).to(tl.float32)  # dL/dS after the chunk
     for i in range(NC):

@@ -25,6 +25,21 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile(K, V, BK: tl.constexpr, BV: tl.constexpr):
+    """This program's (batch, head) ``bh`` and state-row block ``vb``; key columns ``kk`` and state rows ``i`` with
+    their masks; the (BV, BK) state tile's offsets and mask."""
+    bh = tl.program_id(0).to(tl.int64)
+    vb = tl.program_id(1)
+    kk = tl.arange(0, BK)
+    i = vb * BV + tl.arange(0, BV)
+    km = kk < K
+    im = i < V
+    s_off = i[:, None] * K + kk[None, :]
+    s_mask = im[:, None] & km[None, :]
+    return bh, vb, kk, i, km, im, s_off, s_mask
+
+
+@triton.jit
 def _load_token(w_ptr, k_ptr, a_ptr, b_ptr, v_ptr, bh, t, T, K, V, kk, i, km, im):
     """Token ``t``'s masks, key-row offsets and its ``w, k, a, b`` (K,) and ``v`` (rows ``i``) in fp32."""
     mk = km & (kk * 0 + t < T)  # vector masks: t may be a plain int (interpreter)
@@ -49,14 +64,7 @@ def _step(S, w, k, a, b, v):
 def _rwkv7_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr,
                       T, K, V, NCK,
                       CK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
-    vb = tl.program_id(1)
-    kk = tl.arange(0, BK)
-    i = vb * BV + tl.arange(0, BV)
-    km = kk < K
-    im = i < V
-    s_off = i[:, None] * K + kk[None, :]
-    s_mask = im[:, None] & km[None, :]
+    bh, vb, kk, i, km, im, s_off, s_mask = _tile(K, V, BK, BV)
     S = tl.load(h0_ptr + bh * V * K + s_off, mask=s_mask, other=0.0).to(tl.float32)  # (BV, BK)
     for c in range(NCK):
         if STORE:
@@ -76,15 +84,8 @@ def _rwkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, ck_ptr, do_ptr, 
                       dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, dh0_ptr,
                       BH, T, K, V, NCK,
                       CK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
-    vb = tl.program_id(1)
+    bh, vb, kk, i, km, im, s_off, s_mask = _tile(K, V, BK, BV)
     nvb = tl.num_programs(1)
-    kk = tl.arange(0, BK)
-    i = vb * BV + tl.arange(0, BV)
-    km = kk < K
-    im = i < V
-    s_off = i[:, None] * K + kk[None, :]
-    s_mask = im[:, None] & km[None, :]
     loc = tl.arange(0, BV)[:, None] * BK + kk[None, :]  # scratch slot layout (BV, BK), always in bounds
     scratch = sc_ptr + (bh * nvb + vb) * (CK + 1) * BV * BK
     part = vb.to(tl.int64) * BH * T * K  # this row block's slice of the partial buffers

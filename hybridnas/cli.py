@@ -1,4 +1,4 @@
-"""hybridnas search | show | export | plot | dashboard | train | validate.
+"""hybridnas search | show | export | plot | dashboard | train | sweep | replay | bench | validate.
 
 Errors a user can fix (bad YAML, unknown study, missing file) print one clear message and exit 2;
 Ctrl-C exits 130 after Optuna has recorded the interrupted trial, so re-running resumes.
@@ -264,6 +264,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
+def _floats(text: str | None, what: str) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be a comma list of numbers, got {text!r}") from None
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from hybridnas.config import load_space
+    from hybridnas.sweep import SweepPlan, enumerate_space, lr_ladder, open_sweep_study, run_sweep, write_table
+
+    space = load_space(args.space)
+    seeds = [int(v) for v in _floats(args.seed_list, "--seed-list")] if args.seed_list else list(range(args.seeds))
+    plan = SweepPlan(space, enumerate_space(space), lr_ladder(space, args.n_lrs, _floats(args.lrs, "--lrs")), seeds,
+                     _floats(args.budgets, "--budgets") or [1.0], args.long_lrs)
+    log = (lambda *a: None) if args.quiet else print
+    log(f"sweep of {space.name!r}: {len(plan.candidates)} architectures x lrs {plan.lrs} x seeds {plan.seeds} at "
+        f"budget {plan.budgets[0]:g}x, then budgets {plan.budgets[1:]} at {args.long_lrs} lr: {plan.total()} runs")
+    if args.table_only:
+        study = open_sweep_study(space, args.storage, args.study)
+    else:
+        study = run_sweep(plan, storage=args.storage, study_name=args.study, max_runs=args.max_runs, log=log)
+    if args.out:
+        n = write_table(study, args.out)
+        print(f"wrote {n} runs to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybridnas", description="Architecture search over hybrid sequence models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -340,6 +370,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON instead of the table")
     s.add_argument("--quiet", action="store_true", help="no per-cell progress lines")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("sweep", help="train every architecture of a finite space over an lr ladder, seeds and "
+                                     "budgets: the ground-truth table (resumable, shareable by many workers)")
+    s.add_argument("space", help="search-space YAML (finite: lists of choices)")
+    s.add_argument("--out", help="write the table (CSV, one row per run) here when done")
+    s.add_argument("--lrs", help="comma list of learning rates (default: --n-lrs points over the space's lr range)")
+    s.add_argument("--n-lrs", type=int, default=3, help="ladder length when --lrs is not given (default 3)")
+    s.add_argument("--seeds", type=int, default=2, help="seeds 0..S-1 (default 2)")
+    s.add_argument("--seed-list", help="comma list of seeds (overrides --seeds)")
+    s.add_argument("--budgets", default="1", help="comma list of step multipliers, first one at every lr (e.g. 1,10)")
+    s.add_argument("--long-lrs", choices=["best", "all"], default="best",
+                   help="longer budgets at each architecture's best lr (default) or at every lr")
+    s.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/<study>.db) or a journal file path")
+    s.add_argument("--study", help="study name (default: <space name>-sweep)")
+    s.add_argument("--max-runs", type=int, help="stop after this many runs in this process")
+    s.add_argument("--table-only", action="store_true", help="write the table from the study without training")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("validate", help="check search-space YAML files without training anything")
     s.add_argument("files", nargs="+")

@@ -137,144 +137,207 @@ def _peak_memory_mb(device: torch.device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+class TrainRun:
+    """One training run advanced evaluation by evaluation, so a caller can interleave several runs (a learning-rate
+    ladder with successive halving) or stop one early. :func:`train` drives a single run to its end.
+
+    ``advance()`` trains up to the next evaluation and returns its metrics (``step``, ``loss``, ``accuracy``, ...,
+    ``train_loss`` and ``wall_seconds``: time since the run began, evaluations included), or ``None`` once the
+    run has ended (its steps, the target accuracy, ``max_time`` or a non-finite loss). ``finish()`` restores the
+    best-evaluated weights, closes the TensorBoard writer and returns the :class:`TrainResult`; ``close()`` only
+    releases the writer (a run abandoned part-way). Both are safe to call more than once.
+    """
+
+    def __init__(self, arch: ArchConfig, data: TaskData, *, log_dir: str | None = None,
+                 hparams: dict[str, Any] | None = None, model: HybridLM | None = None):
+        cfg = self.cfg = arch.train
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = device = resolve_device(cfg.device)
+        self.autocast = device.type == "cuda" and cfg.bf16
+        torch.manual_seed(cfg.seed)
+        if model is None:
+            model = HybridLM(arch.model)
+        self.model = model
+        model.to(device)
+        model.train()
+        self.opt = make_optimizer(model, cfg)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.data = data
+        # A task may hand batches from a stream (a corpus larger than memory) instead of in-memory tensors.
+        stream_fn = getattr(data, "train_stream", None)
+        self.stream = stream_fn(cfg.batch_size, cfg.seed) if stream_fn is not None else None
+        self.n_train = data.train_inputs.size(0) if self.stream is None else 0
+        self.metric = getattr(data, "accuracy_metric", "example")
+        self.bytes_per_token = getattr(data, "bytes_per_token", None)
+        self.select_by = getattr(data, "select_by", "accuracy")
+        self.valid_x, self.valid_y = data.valid_inputs, data.valid_labels
+        if cfg.eval_examples is not None:
+            self.valid_x, self.valid_y = self.valid_x[:cfg.eval_examples], self.valid_y[:cfg.eval_examples]
+        self.hparams = hparams
+        self.writer = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=log_dir)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.history: list[dict[str, float]] = []
+        self.best: dict[str, float] = {"accuracy": -1.0, "loss": math.inf, "step": 0}
+        self.best_state = None
+        self.stop_reason = "steps"
+        self.train_time, self.tokens = 0.0, 0
+        self.order = torch.randperm(self.n_train, generator=self.gen) if self.stream is None else None
+        self.cursor = 0
+        self.t_start = time.perf_counter()
+        self.step = 0
+        self.last_loss = math.nan
+        self.done = False
+        self.result: TrainResult | None = None
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.stream is not None:
+            x, y = next(self.stream)
+            return x.to(self.device), y.to(self.device)
+        bs = self.cfg.batch_size
+        if self.cursor + bs > self.n_train:
+            self.order = torch.randperm(self.n_train, generator=self.gen)
+            self.cursor = 0
+        idx = self.order[self.cursor:self.cursor + bs]
+        self.cursor += bs
+        return self.data.train_inputs[idx].to(self.device), self.data.train_labels[idx].to(self.device)
+
+    def advance(self) -> dict[str, float] | None:
+        """Train to the next evaluation; its metrics, or None when the run has ended."""
+        cfg, model, writer = self.cfg, self.model, self.writer
+        while not self.done:
+            if self.step >= cfg.steps:
+                self.done = True
+                break
+            self.step += 1
+            step = self.step
+            t0 = time.perf_counter()
+            x, y = self._batch()
+            lr = lr_at(step - 1, cfg)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits = model(x)
+            loss = masked_loss(logits, y)
+            aux = model.aux_loss()
+            total = loss + aux if aux is not None else loss
+            if not torch.isfinite(total):
+                self.stop_reason = "nan"
+                self.last_loss = loss.item()
+                self.done = True
+                break
+            self.opt.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            self.opt.step()
+            self.train_time += time.perf_counter() - t0
+            self.tokens += x.numel()
+            self.last_loss = loss.item()
+            if writer is not None:
+                writer.add_scalar("train/loss", self.last_loss, step)
+                writer.add_scalar("train/lr", lr, step)
+                if aux is not None:
+                    writer.add_scalar("train/aux_loss", aux.item(), step)
+            ev = None
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                ev = self._evaluate(step)
+            if cfg.max_time is not None and time.perf_counter() - self.t_start > cfg.max_time:
+                self.stop_reason = "time"
+                self.done = True
+            if ev is not None:
+                return ev
+        return None
+
+    def _evaluate(self, step: int) -> dict[str, float] | None:
+        cfg, writer = self.cfg, self.writer
+        ev = evaluate(self.model, self.valid_x, self.valid_y, max(cfg.batch_size, 64), self.device, self.autocast,
+                      metric=self.metric, bytes_per_token=self.bytes_per_token)
+        ev["step"] = step
+        ev["train_loss"] = self.last_loss
+        ev["wall_seconds"] = time.perf_counter() - self.t_start
+        self.history.append(ev)
+        if writer is not None:
+            writer.add_scalar("valid/loss", ev["loss"], step)
+            writer.add_scalar("valid/accuracy", ev["accuracy"], step)
+            writer.add_scalar("perf/tokens_per_s", self.tokens / max(self.train_time, 1e-9), step)
+        best = self.best
+        if self.select_by == "loss":  # language modelling: the best weights are those of the lowest loss
+            improved = ev["loss"] < best["loss"]
+        else:
+            improved = ev["accuracy"] > best["accuracy"] or (ev["accuracy"] == best["accuracy"]
+                                                               and ev["loss"] < best["loss"])
+        if not math.isfinite(ev["loss"]):
+            self.stop_reason = "nan"
+            self.done = True
+            return None
+        if improved:
+            self.best = {"accuracy": ev["accuracy"], "loss": ev["loss"], "step": step,
+                         **{k: ev[k] for k in ("accuracy_micro", "accuracy_macro", "bits_per_byte") if k in ev}}
+            self.best_state = copy.deepcopy(self.model.state_dict())
+        if cfg.target_accuracy is not None and ev["accuracy"] >= cfg.target_accuracy:
+            self.stop_reason = "target"
+            self.done = True
+        return ev
+
+    def close(self) -> None:
+        """Release the TensorBoard writer (a run abandoned before its end: pruned, or a ladder's loser)."""
+        self.done = True
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def finish(self) -> TrainResult:
+        """The run's metrics and its model holding the best-evaluated weights (trains nothing more)."""
+        if self.result is not None:
+            return self.result
+        self.done = True
+        model, best = self.model, self.best
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+        metrics: dict[str, Any] = {
+            "accuracy": best["accuracy"] if best["accuracy"] >= 0 else math.nan,
+            "loss": best["loss"] if math.isfinite(best["loss"]) else math.nan,
+            **{k: v for k, v in best.items() if k not in ("accuracy", "loss", "step")},
+            "best_step": best["step"],
+            "steps": self.step,
+            "final_train_loss": self.last_loss,
+            "stop_reason": self.stop_reason,
+            "tokens_per_s": self.tokens / max(self.train_time, 1e-9),
+            "train_seconds": self.train_time,
+            "wall_seconds": time.perf_counter() - self.t_start,
+            "peak_memory_mb": _peak_memory_mb(self.device),
+            "params": model.num_params(),
+            "device": str(self.device),
+        }
+        if self.writer is not None and self.hparams is not None:
+            clean = {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in self.hparams.items()}
+            final = {f"hparam/{k}": float(metrics[k]) for k in ("accuracy", "loss", "tokens_per_s", "peak_memory_mb")
+                     if isinstance(metrics[k], (int, float)) and math.isfinite(metrics[k])}
+            self.writer.add_hparams(clean, final, run_name=".")
+        self.close()
+        self.result = TrainResult(metrics, model, self.history)
+        return self.result
+
+
 def train(arch: ArchConfig, data: TaskData, *, on_eval: EvalCallback | None = None, log_dir: str | None = None,
           hparams: dict[str, Any] | None = None, model: HybridLM | None = None) -> TrainResult:
     """Train ``arch`` on ``data``; return metrics and the model holding its best-evaluated weights.
 
-    ``on_eval(step, metrics)`` runs after each evaluation (Optuna reporting/pruning: it may raise).
-    ``log_dir`` gets TensorBoard scalars, and hparams with the final metrics when ``hparams`` is given.
+    ``on_eval(step, metrics)`` runs after each evaluation (Optuna reporting/pruning: it may raise; the
+    TensorBoard writer is closed on every exit path). ``log_dir`` gets TensorBoard scalars, and hparams with the
+    final metrics when ``hparams`` is given.
     """
-    cfg = arch.train
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    autocast = device.type == "cuda" and cfg.bf16
-    torch.manual_seed(cfg.seed)
-    if model is None:
-        model = HybridLM(arch.model)
-    model.to(device)
-    model.train()
-    opt = make_optimizer(model, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    # A task may hand batches from a stream (a corpus larger than memory) instead of in-memory tensors.
-    stream_fn = getattr(data, "train_stream", None)
-    stream = stream_fn(cfg.batch_size, cfg.seed) if stream_fn is not None else None
-    n_train = data.train_inputs.size(0) if stream is None else 0
-    metric = getattr(data, "accuracy_metric", "example")
-    bytes_per_token = getattr(data, "bytes_per_token", None)
-    select_by = getattr(data, "select_by", "accuracy")
-    valid_x, valid_y = data.valid_inputs, data.valid_labels
-    if cfg.eval_examples is not None:
-        valid_x, valid_y = valid_x[:cfg.eval_examples], valid_y[:cfg.eval_examples]
-    writer = None
-    if log_dir is not None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir=log_dir)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    history: list[dict[str, float]] = []
-    best: dict[str, float] = {"accuracy": -1.0, "loss": math.inf, "step": 0}
-    best_state = None
-    stop_reason = "steps"
-    train_time, tokens = 0.0, 0
-    order = torch.randperm(n_train, generator=gen) if stream is None else None
-    cursor = 0
-    t_start = time.perf_counter()
-    step = 0
-    last_loss = math.nan
-    for step in range(1, cfg.steps + 1):
-        t0 = time.perf_counter()
-        if stream is not None:
-            x, y = next(stream)
-            x, y = x.to(device), y.to(device)
-        else:
-            if cursor + cfg.batch_size > n_train:
-                order = torch.randperm(n_train, generator=gen)
-                cursor = 0
-            idx = order[cursor:cursor + cfg.batch_size]
-            cursor += cfg.batch_size
-            x = data.train_inputs[idx].to(device)
-            y = data.train_labels[idx].to(device)
-        lr = lr_at(step - 1, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(x)
-        loss = masked_loss(logits, y)
-        aux = model.aux_loss()
-        total = loss + aux if aux is not None else loss
-        if not torch.isfinite(total):
-            stop_reason = "nan"
-            last_loss = loss.item()
-            break
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        train_time += time.perf_counter() - t0
-        tokens += x.numel()
-        last_loss = loss.item()
-        if writer is not None:
-            writer.add_scalar("train/loss", last_loss, step)
-            writer.add_scalar("train/lr", lr, step)
-            if aux is not None:
-                writer.add_scalar("train/aux_loss", aux.item(), step)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            ev = evaluate(model, valid_x, valid_y, max(cfg.batch_size, 64), device, autocast, metric=metric,
-                          bytes_per_token=bytes_per_token)
-            ev["step"] = step
-            ev["train_loss"] = last_loss
-            history.append(ev)
-            if writer is not None:
-                writer.add_scalar("valid/loss", ev["loss"], step)
-                writer.add_scalar("valid/accuracy", ev["accuracy"], step)
-                writer.add_scalar("perf/tokens_per_s", tokens / max(train_time, 1e-9), step)
-            if select_by == "loss":  # language modelling: the best weights are those of the lowest loss
-                improved = ev["loss"] < best["loss"]
-            else:
-                improved = ev["accuracy"] > best["accuracy"] or (ev["accuracy"] == best["accuracy"]
-                                                                   and ev["loss"] < best["loss"])
-            if not math.isfinite(ev["loss"]):
-                stop_reason = "nan"
-                break
-            if improved:
-                best = {"accuracy": ev["accuracy"], "loss": ev["loss"], "step": step,
-                        **{k: ev[k] for k in ("accuracy_micro", "accuracy_macro", "bits_per_byte") if k in ev}}
-                best_state = copy.deepcopy(model.state_dict())
+    run = TrainRun(arch, data, log_dir=log_dir, hparams=hparams, model=model)
+    try:
+        while (ev := run.advance()) is not None:
             if on_eval is not None:
-                on_eval(step, ev)
-            if cfg.target_accuracy is not None and ev["accuracy"] >= cfg.target_accuracy:
-                stop_reason = "target"
-                break
-        if cfg.max_time is not None and time.perf_counter() - t_start > cfg.max_time:
-            stop_reason = "time"
-            break
-
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    metrics: dict[str, Any] = {
-        "accuracy": best["accuracy"] if best["accuracy"] >= 0 else math.nan,
-        "loss": best["loss"] if math.isfinite(best["loss"]) else math.nan,
-        **{k: v for k, v in best.items() if k not in ("accuracy", "loss", "step")},
-        "best_step": best["step"],
-        "steps": step,
-        "final_train_loss": last_loss,
-        "stop_reason": stop_reason,
-        "tokens_per_s": tokens / max(train_time, 1e-9),
-        "train_seconds": train_time,
-        "wall_seconds": time.perf_counter() - t_start,
-        "peak_memory_mb": _peak_memory_mb(device),
-        "params": model.num_params(),
-        "device": str(device),
-    }
-    if writer is not None:
-        if hparams is not None:
-            clean = {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in hparams.items()}
-            final = {f"hparam/{k}": float(metrics[k]) for k in ("accuracy", "loss", "tokens_per_s", "peak_memory_mb")
-                     if isinstance(metrics[k], (int, float)) and math.isfinite(metrics[k])}
-            writer.add_hparams(clean, final, run_name=".")
-        writer.close()
-    return TrainResult(metrics, model, history)
+                on_eval(int(ev["step"]), ev)
+        return run.finish()
+    finally:
+        run.close()

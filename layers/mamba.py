@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridnas.registry import register_layer
 from layers.base import Layer, LayerConfigError, require_at_least, require_positive
 from layers.ops import dispatch
 from layers.ops.mamba2 import ssd
@@ -52,7 +51,6 @@ def num_rope_angles(d_state: int, rope_fraction: float) -> int:
     return (split - split % 2) // 2
 
 
-@register_layer("M")
 class Mamba(Layer):
     """Mamba-3 / Mamba-2 mixer (see the module docstring for the equations).
 

@@ -25,6 +25,22 @@ def _space_or_study(arg: str, storage: str | None) -> tuple[str, str | None]:
     return arg, storage
 
 
+def _check_custom_symbols(space) -> None:
+    """The layer contract's numerical checks (``registry.check_layer``) on each symbol the space declares, at its
+    smallest d_model with the first option of each parameter; a failure is reported at the ``symbols`` entry."""
+    from hybridnas import registry
+    from hybridnas.config import ModelConfig, value_options
+
+    d_model = min(value_options(space.model.get("d_model", ModelConfig.d_model)))
+    for sym in space.symbols:
+        spec = registry.get(sym)
+        params = {k: value_options(v)[0] for k, v in space.model.get("layers", {}).get(spec.symbol, {}).items()}
+        problems = registry.check_layer(spec, d_model, params)
+        if problems:
+            raise space.source.error(("symbols", sym), f"{sym} ({spec.name}) breaks the layer contract: "
+                                     + "; ".join(problems))
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from hybridnas.config import Range, load_arch, load_space
 
@@ -34,6 +50,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"{path}: OK (architecture {arch.model.pattern!r}, d_model {arch.model.d_model})")
             continue
         space = load_space(path)
+        _check_custom_symbols(space)
         searched = []
         for k, v in space.model.items():
             if k == "layers":

@@ -349,6 +349,7 @@ def check_train(cfg: TrainConfig) -> list[tuple[str, str]]:
 
 
 def _register_symbols(data: Any, src: Source) -> dict[str, str]:
+    registry.new_scope()  # a file's symbols are its own: drop those the file loaded before this one declared
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -367,7 +368,7 @@ def _register_symbols(data: Any, src: Source) -> dict[str, str]:
         if not isinstance(entry, str):
             raise src.error(path, "expected an import path such as 'mypkg.layers:MyMixer'")
         try:
-            registry.register_path(str(sym), entry, aliases=tuple(aliases))
+            registry.register_path(str(sym), entry, aliases=tuple(aliases), scoped=True)
         except registry.RegistryError as e:
             raise src.error(path, str(e)) from None
         out[str(sym)] = entry

@@ -1,4 +1,5 @@
-"""Typed configs (model, train, task, search space), read from YAML with file/line/field errors.
+"""Typed configs (model, train, task, search space; the dataclasses are in hybridnas.schema), read from YAML with
+file/line/field errors.
 
 Two shapes of file:
 
@@ -16,157 +17,26 @@ import itertools
 import math
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, fields, is_dataclass
 from typing import Any, Literal, Union
 
 from hybridnas import patterns, registry
+from hybridnas.schema import (  # noqa: F401 (re-exported: user code imports the configs from here)
+    CONSTRAINTS,
+    METRICS,
+    ArchConfig,
+    ExportSettings,
+    ModelConfig,
+    Range,
+    SearchSettings,
+    SearchSpace,
+    TaskSpec,
+    TrainConfig,
+    arch_key,
+    resolved_layers,
+    value_options,
+)
 from hybridnas.yamlio import ConfigError, PathT, Source, load_file, load_text
-
-# ----------------------------------------------------------------------------------------------------------
-# concrete configs
-
-
-@dataclass
-class ModelConfig:
-    """One architecture. ``layers`` maps a symbol to its parameters (the rest come from the layer's defaults)."""
-
-    vocab_size: int = 256
-    d_model: int = 128
-    pattern: str = "AA"
-    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = True
-    init_std: float = 0.02
-
-
-@dataclass
-class TrainConfig:
-    """One short training run: AdamW, linear warmup then cosine decay to ``min_lr_ratio * lr``."""
-
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_examples: int | None = None  # None: the whole validation set
-    target_accuracy: float | None = 0.99  # early stop once reached; None: train all steps
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU)
-    max_time: float | None = None  # seconds; stops the run (reason "time") when exceeded
-    threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
-
-
-@dataclass
-class TaskSpec:
-    name: str = "mqar"
-    params: dict[str, Any] = field(default_factory=dict)
-
-    def build_config(self) -> Any:
-        from hybridnas.tasks import task_config_class
-
-        return task_config_class(self.name)(**self.params)
-
-
-@dataclass
-class ArchConfig:
-    model: ModelConfig
-    task: TaskSpec
-    train: TrainConfig
-    symbols: dict[str, str] = field(default_factory=dict)
-    name: str = "arch"
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {"name": self.name}
-        if self.symbols:
-            out["symbols"] = dict(self.symbols)
-        out["task"] = {"name": self.task.name, **self.task.params}
-        out["model"] = asdict(self.model)
-        out["train"] = asdict(self.train)
-        return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# search space
-
-
-@dataclass
-class Range:
-    low: float
-    high: float
-    log: bool = False
-    step: float | None = None
-
-
-#: what a trial can be scored on, and which way is better
-METRICS = {"accuracy": "maximize", "loss": "minimize", "params": "minimize", "state_bytes": "minimize",
-           "tokens_per_s": "maximize"}
-#: budgets: which metric each constrains and in which direction (max = upper bound, min = lower bound)
-CONSTRAINTS = {"params": "max", "state_bytes": "max", "tokens_per_s": "min"}
-
-
-@dataclass
-class SearchSettings:
-    n_trials: int = 20
-    timeout: float | None = None  # seconds for the whole search (per worker)
-    objective: Literal["accuracy", "loss"] = "accuracy"
-    # several objectives give a Pareto front (no pruning); the first must be accuracy or loss
-    objectives: list[Literal["accuracy", "loss", "params", "state_bytes", "tokens_per_s"]] | None = None
-    # budgets as Optuna constraints: params and state_bytes are upper bounds, tokens_per_s a lower bound;
-    # checked before training, an infeasible trial is not trained
-    constraints: dict[str, float] = field(default_factory=dict)
-    state_seq_len: int | None = None  # decode-state bytes are measured at this length (default: task seq_len)
-    latency_batch: int = 1  # decode throughput (tokens/s of a step) is measured at this batch size
-    workers: int = 1  # local worker processes (journal file storage by default when > 1)
-    heartbeat_interval: int = 30  # seconds; a worker silent for grace_period has its trial failed and retried
-    grace_period: int = 120
-    confirm_top: int = 0  # re-train the top K with confirm_seeds seeds and confirm_budget x the steps
-    confirm_seeds: int = 3
-    confirm_budget: float = 4.0
-    sampler: Literal["tpe", "random", "gp", "nsga2", "cmaes", "qmc"] = "tpe"
-    pruner: Literal["hyperband", "median", "sha", "none"] = "hyperband"
-    n_startup_trials: int = 5  # TPE's random start
-    seed: int | None = 0
-    study_name: str | None = None  # default: the space's name
-    storage: str | None = None  # default: sqlite:///runs/<study>.db
-    save_weights: bool = True  # keep each completed trial's weights under runs/<study>/trials/
-
-
-@dataclass
-class ExportSettings:
-    dir: str | None = None  # `hybridnas search` exports the best trial here when set
-
-
-@dataclass
-class SearchSpace:
-    name: str
-    task: TaskSpec
-    model: dict[str, Any]  # field -> value | list | Range; "layers" -> {symbol: {param: value | list | Range}}
-    train: dict[str, Any]  # field -> value | list | Range
-    search: SearchSettings
-    export: ExportSettings
-    symbols: dict[str, str]
-    source: Source
-    text: str = ""  # the YAML as written, stored with the study
-
-    def patterns(self) -> list[str]:
-        """The explicit pattern choices ([] for a genome or ratio space)."""
-        p = self.model.get("pattern", ModelConfig.pattern)
-        if isinstance(p, str):
-            return [p]
-        return list(p) if isinstance(p, list) else []
-
-    def directions(self) -> list[str]:
-        return [METRICS[m] for m in self.objective_names()]
-
-    def objective_names(self) -> list[str]:
-        return list(self.search.objectives) if self.search.objectives else [self.search.objective]
-
 
 # ----------------------------------------------------------------------------------------------------------
 # generic type checking
@@ -305,21 +175,6 @@ def parse_searchable(value: Any, tp: Any, path: PathT, src: Source) -> Any:
             raise src.error(path, "a range cannot have both log and step")
         return r
     return check_value(value, tp, path, src)
-
-
-def value_options(v: Any, limit: int = 64) -> list[Any]:
-    """Representative values of a searchable entry, for checking combinations before training."""
-    if isinstance(v, list):
-        return v
-    if isinstance(v, Range):
-        if isinstance(v.low, int) and isinstance(v.high, int) and not v.log:
-            step = v.step or 1
-            vals = list(range(v.low, v.high + 1, step))
-            return vals if len(vals) <= limit else [v.low, v.high]
-        if isinstance(v.low, int) and isinstance(v.high, int) and v.high - v.low < limit:
-            return list(range(v.low, v.high + 1))
-        return [v.low, v.high]
-    return [v]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -637,23 +492,3 @@ def load_arch(path: str | None = None, *, text: str | None = None, file: str = "
     train_d = _parse_train_space(data.get("train"), src, searchable=False)
     train = TrainConfig(**train_d)
     return ArchConfig(model, task, train, symbols, name)
-
-
-def resolved_layers(model: ModelConfig) -> dict[str, dict[str, Any]]:
-    """Complete parameters (defaults filled in) of every symbol the pattern uses, keyed by primary symbol."""
-    out = {}
-    for sym in patterns.used_symbols(model.pattern):
-        spec = registry.get(sym)
-        params = {}
-        for k, v in model.layers.items():
-            if registry.primary(k) == sym:
-                params.update(v)
-        out[sym] = asdict(spec.make_config(params))
-    return out
-
-
-def arch_key(model: ModelConfig) -> str:
-    """Hash identifying an architecture: canonical pattern, resolved layer params, model-wide sizes."""
-    extra = {"d_model": model.d_model, "vocab_size": model.vocab_size, "norm_eps": model.norm_eps,
-             "tie_embeddings": model.tie_embeddings}
-    return patterns.arch_hash(model.pattern, resolved_layers(model), extra)

@@ -26,7 +26,8 @@ def _space_or_study(arg: str, storage: str | None) -> tuple[str, str | None]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from hybridnas.config import Range, load_arch, load_space
+    from hybridnas.config import load_arch, load_space
+    from hybridnas.schema import Range
 
     for path in args.files:
         if args.arch:

@@ -42,7 +42,8 @@ def _check_custom_symbols(space) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from hybridnas.config import Range, load_arch, load_space
+    from hybridnas.config import load_arch, load_space
+    from hybridnas.schema import Range
 
     for path in args.files:
         if args.arch:

@@ -25,8 +25,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from hybridnas import __version__, patterns
-from hybridnas.config import ArchConfig, load_arch, resolved_layers
+from hybridnas.config import load_arch
 from hybridnas.model import HybridLM
+from hybridnas.schema import ArchConfig, resolved_layers
 from hybridnas.yamlio import atomic_write_bytes, atomic_write_text, dump_yaml, write_json
 
 ARCH_FILE = "architecture.yaml"

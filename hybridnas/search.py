@@ -33,7 +33,8 @@ import torch
 from optuna.exceptions import ExperimentalWarning
 
 from hybridnas import patterns
-from hybridnas.config import (
+from hybridnas.model import HybridLM
+from hybridnas.schema import (
     CONSTRAINTS,
     ArchConfig,
     ModelConfig,
@@ -41,11 +42,10 @@ from hybridnas.config import (
     SearchSpace,
     TrainConfig,
     arch_key,
-    check_train,
     value_options,
 )
-from hybridnas.model import HybridLM
 from hybridnas.storage import RUNS_DIR, default_storage, load_study, make_storage  # noqa: F401 (re-exported)
+from hybridnas.validation import check_train
 
 warnings.filterwarnings("ignore", category=ExperimentalWarning, module="optuna")
 

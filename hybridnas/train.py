@@ -28,8 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hybridnas.config import ArchConfig, TrainConfig
 from hybridnas.model import HybridLM
+from hybridnas.schema import ArchConfig, TrainConfig
 from hybridnas.tasks.base import IGNORE_INDEX, TaskData
 
 EvalCallback = Callable[[int, dict[str, float]], None]

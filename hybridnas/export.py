@@ -190,7 +190,8 @@ def export_trial(study, trial, out_dir: str | Path, *, retrain_if_missing: bool 
     if weights_dir and (Path(weights_dir) / WEIGHTS_FILE).exists():
         model = build_model(weights_dir)
     elif retrain_if_missing:
-        from hybridnas.tasks import build_task, trainer_for
+        from hybridnas.tasks import build_task
+        from hybridnas.trainers import trainer_for
 
         train = trainer_for(arch.task.name)
 

@@ -322,7 +322,7 @@ class Objective:
         return measured
 
     def _train(self, trial: optuna.Trial, arch: ArchConfig, n_params: int, t0: float) -> float | list[float]:
-        from hybridnas.tasks import trainer_for
+        from hybridnas.trainers import trainer_for
 
         train = trainer_for(arch.task.name)
         primary = self.names[0]

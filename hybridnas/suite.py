@@ -23,11 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from hybridnas import train as train_mod
 from hybridnas.config import ArchConfig, TaskSpec
 from hybridnas.model import HybridLM
 from hybridnas.tasks.mad import MadTaskData
 from hybridnas.tasks.mad_suite import MadSuiteData
-from hybridnas.train import TrainResult, train
+from hybridnas.train import TrainResult
 
 # ---------------------------------------------------------------------------------------------- AutoEncoder
 
@@ -77,10 +78,10 @@ def train_task(arch: ArchConfig, data: MadTaskData, *, on_eval=None, log_dir=Non
     """Trainer of a single MAD task: plain :func:`hybridnas.train.train`, through the AutoEncoder for
     compression (the result's ``model`` is then the trained encoder, which rebuilds from ``arch``)."""
     if not data.autoencoder:
-        return train(arch, data, on_eval=on_eval, log_dir=log_dir, hparams=hparams, model=model)
+        return train_mod.train(arch, data, on_eval=on_eval, log_dir=log_dir, hparams=hparams, model=model)
     torch.manual_seed(arch.train.seed)
     encoder = model if model is not None else HybridLM(arch.model)
-    result = train(arch, data, on_eval=on_eval, log_dir=log_dir, hparams=hparams,
+    result = train_mod.train(arch, data, on_eval=on_eval, log_dir=log_dir, hparams=hparams,
                    model=CompressionAutoEncoder(encoder))
     result.model = encoder
     return result
@@ -146,7 +147,7 @@ def train_suite(arch: ArchConfig, data: MadSuiteData, *, on_eval=None, log_dir: 
                 on_eval(g, entry)
 
         sub_log = None if log_dir is None else f"{log_dir}/{k:02d}_{run.task}_{run.label}"
-        res = train(run_arch, run.data, on_eval=report, log_dir=sub_log, model=runner)
+        res = train_mod.train(run_arch, run.data, on_eval=report, log_dir=sub_log, model=runner)
         m = res.metrics
         done.append({"task": run.task, "label": run.label, "accuracy": m["accuracy"], "loss": m["loss"],
                      "accuracy_macro": m.get("accuracy_macro", math.nan), "steps": m["steps"],

@@ -235,8 +235,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from hybridnas.checkpoint import save_checkpoint
     from hybridnas.config import load_arch
-    from hybridnas.export import save_checkpoint
     from hybridnas.tasks import build_task
     from hybridnas.trainers import trainer_for
 

@@ -368,7 +368,7 @@ class Objective:
             return self._fail(trial, "diverged", "loss became NaN or infinite")
         value = result.metrics[primary]
         if self.space.search.save_weights and isinstance(value, float) and math.isfinite(value):
-            from hybridnas.export import save_checkpoint
+            from hybridnas.checkpoint import save_checkpoint
 
             save_checkpoint(out_dir, arch, result.model)
             trial.set_user_attr("weights", str(out_dir))

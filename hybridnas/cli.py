@@ -253,9 +253,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from hybridnas.checkpoint import save_checkpoint
     from hybridnas.config import load_arch
-    from hybridnas.export import save_checkpoint
-    from hybridnas.tasks import build_task, trainer_for
+    from hybridnas.tasks import build_task
+    from hybridnas.trainers import trainer_for
 
     arch = load_arch(args.arch)
     if args.steps is not None:

@@ -157,12 +157,11 @@ def train(arch: ArchConfig, data: TaskData, *, on_eval: EvalCallback | None = No
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     # A task may hand batches from a stream (a corpus larger than memory) instead of in-memory tensors.
-    stream_fn = getattr(data, "train_stream", None)
-    stream = stream_fn(cfg.batch_size, cfg.seed) if stream_fn is not None else None
+    stream = data.train_stream(cfg.batch_size, cfg.seed) if data.train_stream is not None else None
     n_train = data.train_inputs.size(0) if stream is None else 0
-    metric = getattr(data, "accuracy_metric", "example")
-    bytes_per_token = getattr(data, "bytes_per_token", None)
-    select_by = getattr(data, "select_by", "accuracy")
+    metric = data.accuracy_metric
+    bytes_per_token = data.bytes_per_token
+    select_by = data.select_by
     valid_x, valid_y = data.valid_inputs, data.valid_labels
     if cfg.eval_examples is not None:
         valid_x, valid_y = valid_x[:cfg.eval_examples], valid_y[:cfg.eval_examples]

@@ -339,6 +339,7 @@ class Objective:
 
         hparams = {"pattern": arch.model.pattern, **{k: v for k, v in trial.params.items() if k != "pattern"}}
         try:
+            torch.manual_seed(arch.train.seed)  # the initial weights follow the trial's seed, not the process
             model = HybridLM(arch.model)
             measured = self._budgets(trial, arch, model, n_params)
             violations = []

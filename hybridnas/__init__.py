@@ -10,7 +10,7 @@ __all__ = ["__version__", "build_model", "HybridLM", "registry", "patterns"]
 
 def __getattr__(name: str):
     if name == "build_model":
-        from hybridnas.export import build_model
+        from hybridnas.checkpoint import build_model
 
         return build_model
     if name == "HybridLM":

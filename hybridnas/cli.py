@@ -25,8 +25,25 @@ def _space_or_study(arg: str, storage: str | None) -> tuple[str, str | None]:
     return arg, storage
 
 
+def _check_custom_symbols(space) -> None:
+    """The layer contract's numerical checks (``registry.check_layer``) on each symbol the space declares, at its
+    smallest d_model with the first option of each parameter; a failure is reported at the ``symbols`` entry."""
+    from hybridnas import registry
+    from hybridnas.config import ModelConfig, value_options
+
+    d_model = min(value_options(space.model.get("d_model", ModelConfig.d_model)))
+    for sym in space.symbols:
+        spec = registry.get(sym)
+        params = {k: value_options(v)[0] for k, v in space.model.get("layers", {}).get(spec.symbol, {}).items()}
+        problems = registry.check_layer(spec, d_model, params)
+        if problems:
+            raise space.source.error(("symbols", sym), f"{sym} ({spec.name}) breaks the layer contract: "
+                                     + "; ".join(problems))
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    from hybridnas.config import Range, load_arch, load_space
+    from hybridnas.config import load_arch, load_space
+    from hybridnas.schema import Range
 
     for path in args.files:
         if args.arch:
@@ -34,6 +51,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"{path}: OK (architecture {arch.model.pattern!r}, d_model {arch.model.d_model})")
             continue
         space = load_space(path)
+        _check_custom_symbols(space)
         searched = []
         for k, v in space.model.items():
             if k == "layers":
@@ -235,9 +253,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from hybridnas.checkpoint import save_checkpoint
     from hybridnas.config import load_arch
-    from hybridnas.export import save_checkpoint
-    from hybridnas.tasks import build_task, trainer_for
+    from hybridnas.tasks import build_task
+    from hybridnas.trainers import trainer_for
 
     arch = load_arch(args.arch)
     if args.steps is not None:

@@ -55,9 +55,10 @@ def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
 
 
 def run_confirmation(study: optuna.Study, top_k: int, seeds: int, budget: float, *, log=print) -> dict[str, Any]:
+    from hybridnas.checkpoint import save_checkpoint
     from hybridnas.config import load_arch
-    from hybridnas.export import save_checkpoint
-    from hybridnas.tasks import build_task, trainer_for
+    from hybridnas.tasks import build_task
+    from hybridnas.trainers import trainer_for
 
     objective = (study.user_attrs.get("objectives") or [study.user_attrs.get("objective", "accuracy")])[0]
     trials = top_trials(study, top_k)

@@ -1,4 +1,4 @@
-"""A trial -> a folder a user can rebuild and load; and the loader, :func:`build_model`.
+"""A trial -> a folder a user can rebuild and load: a :mod:`hybridnas.checkpoint` folder plus its story.
 
 Folder layout (Hugging Face style)::
 
@@ -7,91 +7,36 @@ Folder layout (Hugging Face style)::
     model.safetensors        weights (tied head stored once)
     README.md                model card: metrics, search summary, plots
     optimization_history.png
+    trial.json               study, trial number, objective values, sampled parameters, metrics
 
-Loading never unpickles: ``yaml.safe_load`` and safetensors only. Every file is written through a temp file
-and a rename, so an interrupted export never leaves a half-written file.
+The first three are the checkpoint (saved and loaded by :mod:`hybridnas.checkpoint`; ``build_model`` is
+re-exported here). Loading never unpickles: ``yaml.safe_load`` and safetensors only. Every file is written
+through a temp file and a rename, so an interrupted export never leaves a half-written file.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-
-from hybridnas import __version__, patterns
-from hybridnas.config import ArchConfig, load_arch, resolved_layers
+from hybridnas import patterns
+from hybridnas.checkpoint import (  # noqa: F401 (the checkpoint names export used to define are re-exported)
+    ARCH_FILE,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    build_model,
+    complete_arch,
+    hf_config,
+    load_weights_into,
+    save_checkpoint,
+    save_weights,
+)
+from hybridnas.config import load_arch
 from hybridnas.model import HybridLM
-from hybridnas.yamlio import atomic_write_bytes, atomic_write_text, dump_yaml, write_json
-
-ARCH_FILE = "architecture.yaml"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-
-
-def complete_arch(arch: ArchConfig) -> ArchConfig:
-    """The same architecture with every layer parameter written out (defaults resolved)."""
-    model = arch.model
-    full = type(model)(**{**asdict(model), "layers": resolved_layers(model)})
-    return ArchConfig(full, arch.task, arch.train, dict(arch.symbols), arch.name)
-
-
-def hf_config(arch: ArchConfig, model: HybridLM | None = None) -> dict[str, Any]:
-    m = arch.model
-    return {
-        "model_type": "hybridnas",
-        "architectures": ["HybridLM"],
-        "hybridnas_version": __version__,
-        "hybrid_override_pattern": m.pattern,
-        "layer_symbols": patterns.to_primary(m.pattern),
-        "num_hidden_layers": len(patterns.to_primary(m.pattern)),
-        "hidden_size": m.d_model,
-        "vocab_size": m.vocab_size,
-        "rms_norm_eps": m.norm_eps,
-        "tie_word_embeddings": m.tie_embeddings,
-        "initializer_range": m.init_std,
-        "layer_configs": resolved_layers(m),
-        "custom_symbols": dict(arch.symbols),
-        "num_parameters": model.num_params() if model is not None else HybridLM.param_count(m),
-        "torch_dtype": "float32",
-    }
-
-
-def save_weights(path: Path, model: HybridLM, metadata: dict[str, str] | None = None) -> None:
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, st_save(tensors, metadata=metadata or {"format": "pt"}))
-
-
-def save_checkpoint(out_dir: str | Path, arch: ArchConfig, model: HybridLM) -> Path:
-    """architecture.yaml + config.json + model.safetensors: everything :func:`build_model` needs."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    full = complete_arch(arch)
-    atomic_write_text(out / ARCH_FILE, dump_yaml(full.to_dict()))
-    write_json(out / CONFIG_FILE, hf_config(full, model))
-    save_weights(out / WEIGHTS_FILE, model)
-    return out
-
-
-def build_model(path: str | Path, *, device: str | torch.device = "cpu", load_weights: bool = True) -> HybridLM:
-    """Rebuild the exported model from ``path`` (a folder or its architecture.yaml) and load its weights."""
-    p = Path(path)
-    folder = p.parent if p.is_file() else p
-    arch = load_arch(str(folder / ARCH_FILE))
-    model = HybridLM(arch.model)
-    if load_weights:
-        wfile = folder / WEIGHTS_FILE
-        if not wfile.exists():
-            raise FileNotFoundError(f"{wfile} not found (pass load_weights=False for a freshly initialized model)")
-        state = st_load(wfile.read_bytes())
-        model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
-
+from hybridnas.schema import ArchConfig, resolved_layers
+from hybridnas.yamlio import atomic_write_bytes, atomic_write_text, write_json
 
 # ---------------------------------------------------------------------------------------------- study export
 
@@ -188,9 +133,12 @@ def export_trial(study, trial, out_dir: str | Path, *, retrain_if_missing: bool 
         metrics.update({f"confirmed_{k}": v for k, v in confirmed.items()})
     model = None
     if weights_dir and (Path(weights_dir) / WEIGHTS_FILE).exists():
-        model = build_model(weights_dir)
+        # the trial's own recorded architecture (parsed above) rebuilds the model: the weights folder's
+        # architecture.yaml is not read, so no module it might name is imported
+        model = load_weights_into(HybridLM(arch.model), weights_dir).eval()
     elif retrain_if_missing:
-        from hybridnas.tasks import build_task, trainer_for
+        from hybridnas.tasks import build_task
+        from hybridnas.trainers import trainer_for
 
         train = trainer_for(arch.task.name)
 

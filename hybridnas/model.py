@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridnas import patterns, registry
-from hybridnas.config import ModelConfig
+from hybridnas.schema import ModelConfig
 from layers.norm import RMSNorm
 
 

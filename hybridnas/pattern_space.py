@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hybridnas import registry
+from hybridnas.schema import value_options
+from hybridnas.validation import parse_searchable, suggest
 from hybridnas.yamlio import PathT, Source
 
 
@@ -90,8 +92,6 @@ def _symbols(value: Any, path: PathT, src: Source) -> list[str]:
 
 
 def _lengths(value: Any, path: PathT, src: Source) -> Any:
-    from hybridnas.config import parse_searchable, value_options
-
     length = parse_searchable(value, int, path, src)
     opts = value_options(length, limit=10**6)
     if min(opts) < 1:
@@ -101,14 +101,12 @@ def _lengths(value: Any, path: PathT, src: Source) -> Any:
 
 def parse_pattern_space(value: dict, path: PathT, src: Source) -> GenomeSpace | RatioSpace:
     """Read a ``{genome: ...}`` or ``{ratio: ...}`` mapping (``path`` is ``model.pattern``)."""
-    from hybridnas.config import _suggest, parse_searchable, value_options
-
     kinds = ["genome", "ratio"]
     if len(value) != 1 or next(iter(value)) not in kinds:
         key = next(iter(value), "")
         raise src.error(path + ((key,) if key else ()),
                         f"a pattern space is a list of patterns, {{genome: ...}} or {{ratio: ...}}; got key {key!r}"
-                        + _suggest(str(key), kinds))
+                        + suggest(str(key), kinds))
     kind, body = next(iter(value.items()))
     p = path + (kind,)
     if not isinstance(body, dict):
@@ -116,7 +114,7 @@ def parse_pattern_space(value: dict, path: PathT, src: Source) -> GenomeSpace | 
     allowed = {"genome": ["length", "symbols", "positions", "counts"], "ratio": ["length", "base", "shares"]}[kind]
     for key in body:
         if key not in allowed:
-            raise src.error(p + (key,), f"unknown key {key!r}" + _suggest(str(key), allowed)
+            raise src.error(p + (key,), f"unknown key {key!r}" + suggest(str(key), allowed)
                             + f"; known keys: {', '.join(allowed)}")
     for key in ("length", "symbols") if kind == "genome" else ("length", "base"):
         if key not in body:

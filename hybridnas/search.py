@@ -33,7 +33,8 @@ import torch
 from optuna.exceptions import ExperimentalWarning
 
 from hybridnas import patterns
-from hybridnas.config import (
+from hybridnas.model import HybridLM
+from hybridnas.schema import (
     CONSTRAINTS,
     ArchConfig,
     ModelConfig,
@@ -41,11 +42,10 @@ from hybridnas.config import (
     SearchSpace,
     TrainConfig,
     arch_key,
-    check_train,
     value_options,
 )
-from hybridnas.model import HybridLM
 from hybridnas.storage import RUNS_DIR, default_storage, load_study, make_storage  # noqa: F401 (re-exported)
+from hybridnas.validation import check_train
 
 warnings.filterwarnings("ignore", category=ExperimentalWarning, module="optuna")
 
@@ -110,8 +110,7 @@ def config_key(arch: ArchConfig) -> str:
 
 def task_seq_len(arch: ArchConfig) -> int:
     """Where decode-state bytes are measured by default: the task's sequence length (a suite's longest)."""
-    hook = getattr(arch.task.build_config(), "decode_seq_len", None)
-    return int(hook()) if hook is not None else int(arch.task.params.get("seq_len", 0) or 0)
+    return arch.task.build_config().decode_seq_len()
 
 
 @torch.no_grad()
@@ -159,7 +158,7 @@ def _budget(space: SearchSpace) -> tuple[int, int]:
     """(smallest eval interval, largest step count) over the space: the pruner's resource bounds."""
     evals = [int(v) for v in value_options(space.train.get("eval_every", TrainConfig.eval_every))]
     steps = [int(v) for v in value_options(space.train.get("steps", TrainConfig.steps))]
-    runs = getattr(space.task.build_config(), "resource_runs", lambda: 1)()  # a suite reports across its runs
+    runs = space.task.build_config().resource_runs()  # a suite reports across its runs
     return min(evals), max(steps) * runs
 
 
@@ -323,7 +322,7 @@ class Objective:
         return measured
 
     def _train(self, trial: optuna.Trial, arch: ArchConfig, n_params: int, t0: float) -> float | list[float]:
-        from hybridnas.tasks import trainer_for
+        from hybridnas.trainers import trainer_for
 
         train = trainer_for(arch.task.name)
         primary = self.names[0]
@@ -340,6 +339,7 @@ class Objective:
 
         hparams = {"pattern": arch.model.pattern, **{k: v for k, v in trial.params.items() if k != "pattern"}}
         try:
+            torch.manual_seed(arch.train.seed)  # the initial weights follow the trial's seed, not the process
             model = HybridLM(arch.model)
             measured = self._budgets(trial, arch, model, n_params)
             violations = []
@@ -369,7 +369,7 @@ class Objective:
             return self._fail(trial, "diverged", "loss became NaN or infinite")
         value = result.metrics[primary]
         if self.space.search.save_weights and isinstance(value, float) and math.isfinite(value):
-            from hybridnas.export import save_checkpoint
+            from hybridnas.checkpoint import save_checkpoint
 
             save_checkpoint(out_dir, arch, result.model)
             trial.set_user_attr("weights", str(out_dir))

@@ -34,7 +34,7 @@ import optuna
 from optuna.exceptions import ExperimentalWarning
 
 from hybridnas import patterns
-from hybridnas.config import ArchConfig, ModelConfig, Range, SearchSpace, TrainConfig, arch_key, value_options
+from hybridnas.schema import ArchConfig, ModelConfig, Range, SearchSpace, TrainConfig, arch_key, value_options
 from hybridnas.storage import RUNS_DIR, make_storage
 from hybridnas.yamlio import atomic_write_text
 
@@ -256,7 +256,7 @@ class SweepObjective:
         self.objective = plan.space.objective_names()[0]
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from hybridnas.tasks import trainer_for
+        from hybridnas.trainers import trainer_for
 
         done, held = _state(trial.study)
         held.discard(trial.user_attrs.get("run_key", ""))

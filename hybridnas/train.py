@@ -28,8 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hybridnas.config import ArchConfig, TrainConfig
 from hybridnas.model import HybridLM
+from hybridnas.schema import ArchConfig, TrainConfig
 from hybridnas.tasks.base import IGNORE_INDEX, TaskData
 
 EvalCallback = Callable[[int, dict[str, float]], None]
@@ -165,12 +165,11 @@ class TrainRun:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.data = data
         # A task may hand batches from a stream (a corpus larger than memory) instead of in-memory tensors.
-        stream_fn = getattr(data, "train_stream", None)
-        self.stream = stream_fn(cfg.batch_size, cfg.seed) if stream_fn is not None else None
+        self.stream = data.train_stream(cfg.batch_size, cfg.seed) if data.train_stream is not None else None
         self.n_train = data.train_inputs.size(0) if self.stream is None else 0
-        self.metric = getattr(data, "accuracy_metric", "example")
-        self.bytes_per_token = getattr(data, "bytes_per_token", None)
-        self.select_by = getattr(data, "select_by", "accuracy")
+        self.metric = data.accuracy_metric
+        self.bytes_per_token = data.bytes_per_token
+        self.select_by = data.select_by
         self.valid_x, self.valid_y = data.valid_inputs, data.valid_labels
         if cfg.eval_examples is not None:
             self.valid_x, self.valid_y = self.valid_x[:cfg.eval_examples], self.valid_y[:cfg.eval_examples]

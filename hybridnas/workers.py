@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from hybridnas.config import SearchSpace
+from hybridnas.schema import SearchSpace
 from hybridnas.storage import RUNS_DIR
 
 

@@ -1,3 +1,5 @@
-"""Registered layers. Importing this package registers the built-in symbols with ``hybridnas.registry``."""
+"""The mixers and FFNs of hybridnas, importable with torch alone (nothing of ``hybridnas``).
 
-from layers import attention, ffn, hyena, mamba, moe, norm, rwkv  # noqa: F401  (registration side effects)
+Importing this package imports no layer: :mod:`layers.registry` declares the built-in symbols as import paths
+and loads each on first use, so ``import layers.ops.mamba3`` stays light.
+"""

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridnas.registry import register_layer
 from layers.base import Layer, LayerConfigError, require_at_least, require_positive
 
 # SDPA grew ``enable_gqa`` in torch 2.5; before that the kv heads are repeated explicitly.
@@ -49,7 +48,6 @@ def attention_mask(q_start: int, n_q: int, k_start: int, n_k: int, window: int |
     return None if bool(mask.all()) else mask
 
 
-@register_layer("A", aliases=("*",))
 class Attention(Layer):
     """Causal softmax attention with grouped-query heads, RoPE (or NoPE) and an optional sliding window.
 

@@ -3,7 +3,8 @@
 A layer is an ``nn.Module`` built from ``d_model`` and its own config dataclass (``cls.Config``). Every
 field of ``Config`` is a per-symbol parameter a search space may set (``A.n_heads``, ``E.n_experts``).
 
-Contract (tested for every registry entry by ``tests/layers/test_registry_layers.py``):
+Contract (checked by :mod:`layers.contract`: the methods when a class is registered, the behaviour by
+``layers.registry.check_layer`` for every registry entry in the tests and for custom symbols in ``validate``):
 
 - ``forward(x, ctx)``: ``x`` is ``(batch, seq, d_model)``; returns the same shape. The training path.
 - ``prefill(x, ctx) -> (y, state)`` and ``step(x_t, state, ctx) -> (y_t, state)`` with ``x_t`` of shape

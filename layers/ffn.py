@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridnas.registry import register_layer
 from layers.base import TokenwiseLayer, require_at_least, require_positive
 
 
@@ -36,7 +35,6 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
     return swiglu_act(x @ w1, x @ w3) @ w2
 
 
-@register_layer("F", aliases=("-",))
 class SwiGLU(TokenwiseLayer):
     """Dense SwiGLU MLP: ``y = W2(silu(W1 x) * W3 x)``.
 

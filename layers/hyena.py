@@ -48,7 +48,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridnas.registry import register_layer
 from layers.base import Layer, LayerConfigError, require_at_least
 from layers.ops.hyena import long_conv
 
@@ -121,7 +120,6 @@ class ModalFilter(nn.Module):
         return mag * self.theta.cos(), mag * self.theta.sin()
 
 
-@register_layer("H")
 class Hyena(Layer):
     """Hyena operator of order ``N`` (see the module docstring for equations, parameter count and state)."""
 

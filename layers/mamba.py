@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridnas.registry import register_layer
 from layers.base import Layer, LayerConfigError, require_at_least, require_positive
 from layers.ops import dispatch
 from layers.ops.mamba2 import ssd
@@ -52,7 +51,6 @@ def num_rope_angles(d_state: int, rope_fraction: float) -> int:
     return (split - split % 2) // 2
 
 
-@register_layer("M")
 class Mamba(Layer):
     """Mamba-3 / Mamba-2 mixer (see the module docstring for the equations).
 
@@ -229,7 +227,7 @@ class Mamba(Layer):
         dtheta = dt[..., None] * (math.pi * torch.tanh(ang.float()))[:, :, None, :]  # (B, T, H, S)
         w_x = self.mimo_x.transpose(0, 1) if r > 1 else None  # (R, H, P)
         y, new_state = mamba3(x, q, k, a, dt, lam, dtheta, state, w_x, pairing=pairing,
-                              chunk_size=self.chunk, config_backend=self.config.backend)
+                              chunk_size=self.chunk, backend=self.config.backend)
         d_skip = self.D[:, None] * w_x if w_x is not None else self.D[:, None]  # D·v = x ⊙ (D·W_x), folded
         y = y.float() + x[:, :, None].float() * d_skip  # (B, T, R, H, P)
         z = z.reshape(b, t, 1, h, p).float()
@@ -253,7 +251,7 @@ class Mamba(Layer):
         dt = F.softplus(dd_dt.float() + self.dt_bias)
         y, ssm_state = ssd(x, dt, -torch.exp(self.A_log.float()), B[:, :, None], C[:, :, None],
                            state["ssm"] if state is not None else None, chunk_size=self.chunk,
-                           config_backend=self.config.backend)
+                           backend=self.config.backend)
         y = (y.float() + self.D[:, None] * x.float()).reshape(b, t, self.d_inner)
         y = rms(y * F.silu(z.float()), self.norm_weight)
         new_state = {"conv": seq[:, :, seq.shape[2] - (kc - 1):].clone(), "ssm": ssm_state}

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridnas.registry import register_layer
 from layers.base import LayerConfigError, TokenwiseLayer, require_at_least, require_positive
 from layers.ffn import ffn_hidden, swiglu
 
@@ -52,7 +51,6 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
-@register_layer("E")
 class MoE(TokenwiseLayer):
     """Top-k routed mixture of SwiGLU experts.
 

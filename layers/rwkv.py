@@ -42,7 +42,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridnas.registry import register_layer
 from layers.base import Layer, LayerConfigError, require_at_least, require_positive
 from layers.ops.rwkv7 import rwkv7, rwkv7_step
 
@@ -56,7 +55,6 @@ def lora_rank(d_model: int, factor: float) -> int:
     return max(32, int(round(factor * math.sqrt(d_model) / 32)) * 32)
 
 
-@register_layer("R")
 class RWKV7(Layer):
     """RWKV-7 time mixing (see the module docstring for equations, parameter count and state)."""
 

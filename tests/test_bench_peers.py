@@ -60,7 +60,7 @@ def test_cli_accepts_device_and_dtype(capsys):
 def test_triton_backend_runs_in_interpreter_mode(monkeypatch):
     """``--backends triton`` reaches the kernels (here through the interpreter: no GPU in CI)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    mod = sys.modules.get("layers.ops.ssd_triton")
+    mod = sys.modules.get("layers.ops.common.scalar_decay_triton")
     if mod is not None and type(mod._ssd_fwd_kernel).__name__ != "InterpretedFunction":
         importlib.reload(mod)  # decorated earlier without the interpreter: re-decorate under it
     res = bench.run_bench("M", {**TINY, "mimo_rank": 2}, ["chunked", "triton"], [5], batch=1, d_model=32,

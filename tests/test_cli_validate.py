@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
+from hybridnas import registry
 from hybridnas.cli import main
 
 GOOD_SPACE = """\
@@ -148,3 +150,117 @@ def test_shipped_search_spaces_validate(path, capsys):
     out, err = capsys.readouterr()
     assert err == ""
     assert f"{path}: OK" in out
+
+
+# ---------------------------------------------------------------------------------------------- custom symbols
+
+USER_LAYERS = '''
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from layers.base import Layer, TokenwiseLayer
+
+
+@dataclass
+class Config:
+    bias: bool = False
+
+
+class Good(TokenwiseLayer):
+    kind = "mixer"
+    Config = Config
+
+    def __init__(self, d_model, config=None, *, layer_idx=0, n_layers=1):
+        super().__init__(d_model, config, layer_idx=layer_idx, n_layers=n_layers)
+        self.proj = nn.Linear(d_model, d_model, bias=self.config.bias)
+        self.reset_parameters()
+
+    @classmethod
+    def param_count(cls, d_model, config):
+        return d_model * d_model + (d_model if config.bias else 0)
+
+    def reset_parameters(self):
+        nn.init.normal_(self.proj.weight, std=0.02)
+
+    def forward(self, x, ctx=None):
+        return self.proj(x)
+
+
+class MiscountsBias(Good):
+    @classmethod
+    def param_count(cls, d_model, config):
+        return d_model * d_model
+
+
+class NoStep(Layer):
+    Config = Config
+
+    @classmethod
+    def param_count(cls, d_model, config):
+        return 0
+
+    def reset_parameters(self):
+        pass
+
+    def forward(self, x, ctx=None):
+        return x
+
+    def prefill(self, x, ctx=None):
+        return x, None
+
+    def state_size(self, batch, seq_len, dtype=torch.float32):
+        return 0
+'''
+
+
+@pytest.fixture
+def user_layers(tmp_path, monkeypatch):
+    """The module ``hybridnas_test_validate_layers`` on sys.path; symbols left registered are dropped afterwards."""
+    module = "hybridnas_test_validate_layers"
+    (tmp_path / f"{module}.py").write_text(USER_LAYERS, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = set(registry.symbols())
+    yield module
+    registry.new_scope()
+    for sym in set(registry.symbols()) - before:
+        registry.unregister(sym)
+    sys.modules.pop(module, None)
+
+
+def custom_space(path: str, bias: str = "[false, true]") -> str:
+    # line 3 holds the symbols.Z entry
+    return f"""\
+task: {{name: mqar, vocab_size: 64, seq_len: 32, num_kv_pairs: 4}}
+symbols:
+  Z: {path}
+model:
+  d_model: [32, 64]
+  pattern: [AZ, ZZ]
+  layers:
+    Z: {{bias: {bias}}}
+"""
+
+
+def test_validate_runs_the_contract_checks_on_custom_symbols(tmp_path, capsys, user_layers):
+    good = write(tmp_path, "good.yaml", custom_space(f"{user_layers}:Good"))
+    assert main(["validate", good]) == 0
+    assert f"{good}: OK" in capsys.readouterr().out
+
+    # validate checks the first option of each parameter: MiscountsBias forgets the bias that true adds
+    wrong = write(tmp_path, "wrong.yaml", custom_space(f"{user_layers}:MiscountsBias", bias="[true, false]"))
+    assert main(["validate", wrong]) == 2
+    out, err = capsys.readouterr()
+    assert_clean_error(err, wrong, 3, "symbols.Z")
+    assert "Z (MiscountsBias) breaks the layer contract" in err
+    assert "param_count(d_model=32) is 1024 but the module has 1056 parameters" in err
+    assert "OK" not in out
+
+
+def test_validate_reports_a_custom_class_missing_step_at_its_symbol(tmp_path, capsys, user_layers):
+    path = write(tmp_path, "nostep.yaml", custom_space(f"{user_layers}:NoStep", bias="false"))
+    assert main(["validate", path]) == 2
+    _, err = capsys.readouterr()
+    assert_clean_error(err, path, 3, "symbols.Z")
+    assert "NoStep does not define step" in err

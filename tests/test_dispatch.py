@@ -15,9 +15,9 @@ def test_auto_picks_chunked_on_cpu():
 
 def test_precedence(monkeypatch):
     x = torch.zeros(1)
-    assert dispatch.run("op", OPS, x, config_backend="naive") == "naive"
+    assert dispatch.run("op", OPS, x, backend="naive") == "naive"
     monkeypatch.setenv(dispatch.ENV, "chunked")
-    assert dispatch.run("op", OPS, x, config_backend="naive") == "chunked"
+    assert dispatch.run("op", OPS, x, backend="naive") == "chunked"
     with dispatch.force("naive"):
         assert dispatch.run("op", OPS, x) == "naive"
     assert dispatch.run("op", OPS, x) == "chunked"

@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("datasets")
 
 from hybridnas.config import ArchConfig, ModelConfig, TaskSpec, TrainConfig, load_space  # noqa: E402
-from hybridnas.tasks import build_task, trainer_for  # noqa: E402
+from hybridnas.tasks import build_task  # noqa: E402
 from hybridnas.tasks.base import TaskConfigError  # noqa: E402
 from hybridnas.tasks.lm import (  # noqa: E402
     BYTE_EOS,
@@ -25,6 +25,7 @@ from hybridnas.tasks.lm import (  # noqa: E402
     tokenize_to_cache,
 )
 from hybridnas.train import train  # noqa: E402
+from hybridnas.trainers import trainer_for  # noqa: E402
 
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}. Café.\n" for i in range(300))
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from hybridnas.config import ArchConfig, ModelConfig, TaskSpec, TrainConfig, load_space
 from hybridnas.model import HybridLM
-from hybridnas.tasks import TASKS, TRAINERS, build_task, trainer_for
+from hybridnas.suite import CompressionAutoEncoder, train_task
+from hybridnas.tasks import TASKS, build_task
 from hybridnas.tasks.base import IGNORE_INDEX, TaskConfigError
 from hybridnas.tasks.mad import (
     MAD_TASKS,
@@ -27,8 +28,9 @@ from hybridnas.tasks.mad import (
     build,
     memorization_map,
 )
-from hybridnas.tasks.mad_suite import CompressionAutoEncoder, MadSuiteConfig, train_task
+from hybridnas.tasks.mad_suite import TRAIN_FIELDS, MadSuiteConfig
 from hybridnas.train import evaluate
+from hybridnas.trainers import TRAINERS, trainer_for
 from hybridnas.yamlio import ConfigError
 
 TINY = dict(num_train=40, num_test=20)
@@ -343,6 +345,12 @@ def test_suite_config_fields():
     for field, value in changes.items():
         other = MadSuiteConfig(**{**SUITE, field: value})
         assert (repr(other.runs()) != repr(cfg.runs())) or other.vocab_size != cfg.vocab_size, field
+
+
+def test_suite_knows_every_training_field():
+    # tasks may not import the config schema, so the suite spells out TrainConfig's fields: keep them equal
+    assert TRAIN_FIELDS == {f.name for f in dataclasses.fields(TrainConfig)}, \
+        "update hybridnas.tasks.mad_suite.TRAIN_FIELDS to TrainConfig's fields"
 
 
 @pytest.mark.parametrize("kw,field", [

@@ -23,7 +23,8 @@ import torch
 from hybridnas import patterns, registry
 from hybridnas.config import ArchConfig, ModelConfig, TaskSpec, TrainConfig
 from hybridnas.model import HybridLM
-from hybridnas.tasks import build_task, trainer_for
+from hybridnas.tasks import build_task
+from hybridnas.trainers import trainer_for
 
 # name -> (pattern, what MAD calls it)
 DESIGNS = {  # in order of expected cost, slowest first, so parallel workers finish together

@@ -1,4 +1,8 @@
-"""Task registry: a task name -> (its config dataclass, a builder ``config -> TaskData``)."""
+"""Task registry: a task name -> (its config dataclass, a builder ``config -> TaskData``).
+
+Tasks make data and say how it is scored; they import neither the model nor the trainer. Which function trains
+an architecture on a task is the training side's table: :func:`hybridnas.trainers.trainer_for`.
+"""
 
 from __future__ import annotations
 
@@ -7,37 +11,19 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from hybridnas.tasks import mad, mad_suite
-from hybridnas.tasks.base import IGNORE_INDEX, TaskConfigError, TaskData
+from hybridnas.tasks.base import IGNORE_INDEX, TaskConfig, TaskConfigError, TaskData
 from hybridnas.tasks.lm import LMConfig
 from hybridnas.tasks.lm import build as build_lm
 from hybridnas.tasks.mqar import MQARConfig
 from hybridnas.tasks.mqar import build as build_mqar
 
-TASKS: dict[str, tuple[type, Callable[[Any], TaskData]]] = {
+TASKS: dict[str, tuple[type[TaskConfig], Callable[[Any], TaskData]]] = {
     "mqar": (MQARConfig, build_mqar),
     # the six MAD tasks, one run each, and "mad": a mean over chosen tasks and difficulty settings
     **{f"mad_{name}": (cls, mad.build) for name, cls in mad.MAD_TASKS.items()},
     "mad": (mad_suite.MadSuiteConfig, mad_suite.build_suite),
     "lm": (LMConfig, build_lm),
 }
-
-
-#: Tasks whose trial is not one plain ``hybridnas.train.train`` run (e.g. a suite of several short runs) register a
-#: trainer here with train's signature: ``(arch, data, *, on_eval, log_dir, hparams, model) -> TrainResult``.
-TRAINERS: dict[str, Callable[..., Any]] = {
-    "mad_compression": mad_suite.train_task,  # through MAD's AutoEncoder
-    "mad": mad_suite.train_suite,  # one short run per (task, setting), scored by the mean
-}
-
-
-def trainer_for(name: str) -> Callable[..., Any]:
-    """The function that trains and scores one architecture on task ``name``."""
-    _lookup(name)
-    if name in TRAINERS:
-        return TRAINERS[name]
-    from hybridnas.train import train
-
-    return train
 
 
 class UnknownTaskError(KeyError):
@@ -47,14 +33,14 @@ class UnknownTaskError(KeyError):
         return str(self.args[0])
 
 
-def _lookup(name: str) -> tuple[type, Callable[[Any], TaskData]]:
+def _lookup(name: str) -> tuple[type[TaskConfig], Callable[[Any], TaskData]]:
     try:
         return TASKS[name]
     except (KeyError, TypeError):
         raise UnknownTaskError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
 
 
-def task_config_class(name: str) -> type:
+def task_config_class(name: str) -> type[TaskConfig]:
     """The config dataclass of task ``name``."""
     return _lookup(name)[0]
 
@@ -75,5 +61,5 @@ def build_task(name: str, config: Any = None) -> TaskData:
     return builder(config)
 
 
-__all__ = ["IGNORE_INDEX", "TASKS", "LMConfig", "MQARConfig", "TaskConfigError", "TaskData", "UnknownTaskError",
-           "build_task", "task_config_class", "TRAINERS", "trainer_for"]
+__all__ = ["IGNORE_INDEX", "TASKS", "LMConfig", "MQARConfig", "TaskConfig", "TaskConfigError", "TaskData",
+           "UnknownTaskError", "build_task", "task_config_class"]

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hybridnas.tasks.base import TaskConfigError, TaskData
+from hybridnas.tasks.base import TaskConfig, TaskConfigError, TaskData
 
 CACHE_VERSION = 1
 BYTE_VOCAB = 257  # 256 byte values + end of document
@@ -50,7 +50,7 @@ EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "[EOS]", "<|end_of_text|>")
 
 
 @dataclass
-class LMConfig:
+class LMConfig(TaskConfig):
     """Text LM task; see the module docstring. ``vocab_size`` is filled in from the tokenizer."""
 
     path: str = "data/prose.txt"
@@ -102,6 +102,9 @@ class LMConfig:
             raise TaskConfigError("vocab_size", f"the tokenizer has {tok.vocab_size} tokens; leave vocab_size "
                                                 f"unset or make it at least that, got {self.vocab_size!r}")
         return self
+
+    def decode_seq_len(self) -> int:
+        return int(self.seq_len)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizers
@@ -328,7 +331,6 @@ class LMTaskData(TaskData):
     bytes_per_token: float = 1.0
     accuracy_metric: str = "micro"
     select_by: str = "loss"  # the trainer keeps the weights of the lowest validation loss
-    train_stream: Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
 

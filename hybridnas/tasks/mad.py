@@ -40,7 +40,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from hybridnas.tasks.base import IGNORE_INDEX, TaskConfigError, TaskData
+from hybridnas.tasks.base import IGNORE_INDEX, TaskConfig, TaskConfigError, TaskData
 
 TEST_SEED_OFFSET = 1_000_003
 
@@ -71,7 +71,7 @@ def _bool(cfg, name: str) -> None:
 
 
 @dataclass
-class _MadConfig:
+class _MadConfig(TaskConfig):
     vocab_size: int = 16
     seq_len: int = 128
     num_train: int = 12800
@@ -84,6 +84,9 @@ class _MadConfig:
         _int(self, "num_train", 1)
         _int(self, "num_test", 1)
         _int(self, "seed", 0)
+
+    def decode_seq_len(self) -> int:
+        return int(self.seq_len)
 
 
 @dataclass

@@ -24,14 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hybridnas.tasks.base import IGNORE_INDEX, TaskConfigError, TaskData
+from hybridnas.tasks.base import IGNORE_INDEX, TaskConfig, TaskConfigError, TaskData
 
 # Offset between the train and the test seed, so that the two splits never share a random stream.
 TEST_SEED_OFFSET = 1_000_003
 
 
 @dataclass
-class MQARConfig:
+class MQARConfig(TaskConfig):
     """MQAR data: ``num_train``/``num_test`` examples of ``seq_len`` tokens with ``num_kv_pairs`` pairs each."""
 
     vocab_size: int = 8192
@@ -73,6 +73,9 @@ class MQARConfig:
             raise TaskConfigError("num_kv_pairs", f"only {num_keys} distinct keys exist in [1, vocab_size/2) "
                                                   f"for vocab_size {self.vocab_size}, got {self.num_kv_pairs}")
         return self
+
+    def decode_seq_len(self) -> int:
+        return int(self.seq_len)
 
 
 def check_config(cfg: MQARConfig) -> MQARConfig:

@@ -4,9 +4,11 @@ Resolution order: a backend forced by :func:`force` (a context manager, used by 
 then the ``HYBRIDNAS_BACKEND`` environment variable, then the layer's own ``backend`` config key, then ``auto``:
 Triton on CUDA tensors when the op has a Triton path and ``triton`` imports, else chunked.
 
-An op module calls ``dispatch.run("mamba3", {"naive": f0, "chunked": f1, "triton": f2}, x, *args)``; a forced
-backend the op does not have, or one that cannot run here (Triton without CUDA and without
-``TRITON_INTERPRET=1``), raises :class:`BackendError` naming the op and what is available.
+Every op package ``layers.ops.<op>`` keeps one table ``BACKENDS = {"naive": f0, "chunked": f1, "triton": f2}``
+(all with one signature) and its entry function takes ``backend=`` (the layer's config key) and calls
+``dispatch.run("<op>", BACKENDS, x, *args, backend=backend)``. A forced backend the op does not have, or one
+that cannot run here (Triton without CUDA and without ``TRITON_INTERPRET=1``), raises :class:`BackendError`
+naming the op and what is available.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def triton_backend(module: str, name: str) -> dict[str, Callable[..., Any]]:
     return {"triton": call}
 
 
-def requested(config_backend: str | None = None) -> str:
+def requested(backend: str | None = None) -> str:
     """The backend asked for, before checking what the op offers: forced > env > config > auto."""
     if _forced and _forced[-1] != "auto":
         return _forced[-1]
@@ -69,16 +71,16 @@ def requested(config_backend: str | None = None) -> str:
         if env not in BACKENDS:
             raise BackendError(f"{ENV}={env!r} is not a backend; choose from auto, {', '.join(BACKENDS)}")
         return env
-    if config_backend and config_backend != "auto":
-        if config_backend not in BACKENDS:
-            raise BackendError(f"backend {config_backend!r} is not one of auto, {', '.join(BACKENDS)}")
-        return config_backend
+    if backend and backend != "auto":
+        if backend not in BACKENDS:
+            raise BackendError(f"backend {backend!r} is not one of auto, {', '.join(BACKENDS)}")
+        return backend
     return "auto"
 
 
 def choose(op: str, available: dict[str, Callable[..., Any]], device: torch.device,
-           config_backend: str | None = None) -> str:
-    want = requested(config_backend)
+           backend: str | None = None) -> str:
+    want = requested(backend)
     if want == "auto":
         if "triton" in available and device.type == "cuda" and triton_usable(device):
             return "triton"
@@ -93,6 +95,7 @@ def choose(op: str, available: dict[str, Callable[..., Any]], device: torch.devi
 
 
 def run(op: str, available: dict[str, Callable[..., Any]], x: torch.Tensor, *args: Any,
-        config_backend: str | None = None, **kwargs: Any) -> Any:
-    """Call the chosen implementation of ``op`` with ``(x, *args, **kwargs)``."""
-    return available[choose(op, available, x.device, config_backend)](x, *args, **kwargs)
+        backend: str | None = None, **kwargs: Any) -> Any:
+    """Call the chosen implementation of ``op`` with ``(x, *args, **kwargs)``; ``backend`` is the layer's config
+    key (below a forced backend and the environment variable)."""
+    return available[choose(op, available, x.device, backend)](x, *args, **kwargs)

@@ -1,5 +1,9 @@
 """Contract tests generated from the registry: every registered layer gets them for free.
 
+The behavioural core (builds, forward shape, step after prefill equals forward, exact parameter count, state
+size) is ``registry.check_layer``, the same function ``hybridnas validate`` runs on a user's custom symbols;
+the tests below it go further (state bytes against the real state, gradients, init, config checks).
+
 A new layer needs nothing here unless its defaults are too big for a CPU test or it has extra interesting
 configurations: add it to ``CASES`` (test sizes and parameter sets) and ``INVALID`` (rejected configs).
 """
@@ -12,6 +16,7 @@ import pytest
 import torch
 
 from hybridnas import registry
+from layers import contract
 from layers.base import Layer, LayerConfigError
 
 D_MODEL = 32
@@ -126,52 +131,23 @@ def _tensors(state: Any) -> list[torch.Tensor]:
     return []
 
 
-def _decode(layer: Layer, x: torch.Tensor, n_prefill: int) -> torch.Tensor:
-    y0, state = layer.prefill(x[:, :n_prefill], {})
-    ys = [y0]
-    for t in range(n_prefill, x.shape[1]):
-        y_t, state = layer.step(x[:, t:t + 1], state, {})
-        assert y_t.shape == (x.shape[0], 1, x.shape[2])
-        ys.append(y_t)
-    return torch.cat(ys, dim=1)
-
-
 def test_registry_has_builtins():
     assert {"A", "E", "F"} <= set(registry.symbols())
     assert registry.primary("*") == "A" and registry.primary("-") == "F"
 
 
-@pytest.mark.parametrize("spec, d, params", CASE_PARAMS)
-def test_smoke_forward(spec, d, params):
-    layer = _build(spec, d, params)
-    x = _x(d)
-    y = layer(x, {})
-    assert y.shape == x.shape and y.dtype == x.dtype
-    assert torch.isfinite(y).all()
-    assert spec.kind in ("mixer", "ffn")
-    aux = layer.aux_loss()
-    assert aux is None or (aux.ndim == 0 and torch.isfinite(aux))
+def test_contract_checks_are_the_documented_ones():
+    """The checks every layer gets through ``check_layer``: prefill of 1, 5 and all tokens, fp32 tolerance 1e-5."""
+    assert contract.PREFILL_LENGTHS == (1, 5) and contract.TOLERANCE == 1e-5
+    assert set(contract.REQUIRED) == {"param_count", "reset_parameters", "forward", "prefill", "step", "state_size"}
 
 
 @pytest.mark.parametrize("spec, d, params", CASE_PARAMS)
-def test_step_matches_forward(spec, d, params):
-    layer = _build(spec, d, params).eval()
-    x = _x(d)
-    with torch.no_grad():
-        ref = layer(x, {})
-        for n_prefill in (1, 5, SEQ):
-            got = _decode(layer, x, n_prefill)
-            err = (got - ref).abs().max().item()
-            assert err <= 1e-5, f"prefill {n_prefill}: max abs err {err}"
-        # prefill of the whole sequence also returns forward's output
-        y_pre, _ = layer.prefill(x, {})
-        assert (y_pre - ref).abs().max().item() <= 1e-5
-
-
-@pytest.mark.parametrize("spec, d, params", CASE_PARAMS)
-def test_param_count_exact(spec, d, params):
-    layer = _build(spec, d, params)
-    assert spec.param_count(d, params) == sum(p.numel() for p in layer.parameters())
+def test_contract(spec, d, params):
+    """Forward keeps shape and dtype and is finite, aux_loss is None or a finite scalar, kind is mixer or ffn,
+    step after prefill equals forward, param_count is exact, state_size is bytes: ``registry.check_layer``."""
+    assert registry.check_layer(spec, d, params, batch=BATCH, seq_len=SEQ) == []
+    assert spec.param_count(d, params) == sum(p.numel() for p in _build(spec, d, params).parameters())
 
 
 @pytest.mark.parametrize("spec, d, params", CASE_PARAMS)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from layers.ops import dispatch
+from layers.ops.common.scalar_decay_chunked import segsum
 from layers.ops.mamba2 import ssd
-from layers.ops.mamba2.chunked import segsum, ssd_chunked
+from layers.ops.mamba2.chunked import ssd_chunked
 from layers.ops.mamba2.naive import ssd_naive
 
 TOL = 1e-4
@@ -57,7 +58,7 @@ def assert_chunked_matches_naive(inp: list[torch.Tensor], chunk: int) -> None:
 @pytest.mark.parametrize("form", ["factored", "segsum"])
 def test_intra_forms_and_slicing_match_naive(monkeypatch, form):
     """Both intra-chunk forms of the shared scan without a diagonal shift, one chunk per slice."""
-    from layers.ops.mamba2 import chunked
+    from layers.ops.common import scalar_decay_chunked as chunked
 
     monkeypatch.setattr(chunked, "FACTOR_RANGE", 1e9 if form == "factored" else -1.0)
     monkeypatch.setattr(chunked, "SLICE_BYTES", 1)

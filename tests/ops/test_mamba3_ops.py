@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from layers.ops import dispatch
-from layers.ops.mamba2 import chunked as scan_core
+from layers.ops.common import scalar_decay_chunked as scan_core
 from layers.ops.mamba2.naive import ssd_naive
 from layers.ops.mamba3 import mamba3, mamba3_chunked, mamba3_naive, rotate
 

@@ -36,7 +36,7 @@ def interp():
     try:
         from triton.runtime.interpreter import InterpretedFunction
 
-        name = "layers.ops.ssd_triton"
+        name = "layers.ops.common.scalar_decay_triton"
         mod = importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
         assert isinstance(mod._ssd_fwd_kernel, InterpretedFunction)
         assert isinstance(mod._ssd_bwd_kernel, InterpretedFunction)
@@ -66,7 +66,7 @@ def grads(loss: torch.Tensor, leaves: dict[str, torch.Tensor]) -> dict[str, torc
 def test_scan_matches_chunked_scan(interp, t_len, r, p):
     """The kernel against ``ssd_scan`` (itself tested against the oracles), with a diagonal shift, odd N and
     a P split over two program blocks."""
-    from layers.ops.mamba2.chunked import ssd_scan
+    from layers.ops.common.scalar_decay_chunked import ssd_scan
 
     g = torch.Generator().manual_seed(t_len + r)
     n = 12
@@ -108,7 +108,7 @@ class _Limited:
 def test_scan_falls_back_to_smaller_blocks(interp, monkeypatch):
     """Out of shared memory: the forward narrows its P-block; the backward narrows P, then recomputes the chunk
     states at half the chunk size. The result is unchanged."""
-    from layers.ops.mamba2.chunked import ssd_scan
+    from layers.ops.common.scalar_decay_chunked import ssd_scan
 
     fwd = _Limited(interp._ssd_fwd_kernel, lambda kw: kw["BP"] <= 32)
     bwd = _Limited(interp._ssd_bwd_kernel, lambda kw: kw["C"] <= 8 and kw["BP"] <= 16)

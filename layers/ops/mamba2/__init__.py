@@ -9,7 +9,8 @@ Shapes (B batch, T length, H heads, P head dim, G groups with H % G == 0, N stat
     state  (B, H, P, N)   fp32 initial state or None (zeros)
     -> y (B, T, H, P) in x's dtype, final state (B, H, P, N) fp32
 
-Backends: ``naive`` (token loop, the oracle) and ``chunked`` (SSD by chunks); pick with ``layers.ops.dispatch``.
+Backends (``BACKENDS``): ``naive`` (token loop, the oracle), ``chunked`` (SSD by chunks) and ``triton`` where triton
+is installed; ``backend=`` or :mod:`layers.ops.dispatch` picks one.
 """
 
 from __future__ import annotations
@@ -28,6 +29,6 @@ BACKENDS.update(dispatch.triton_backend("layers.ops.mamba2.triton", "ssd_triton"
 
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
         state: torch.Tensor | None = None, *, chunk_size: int = 64,
-        config_backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return dispatch.run("mamba2", BACKENDS, x, dt, A, B, C, state, chunk_size=chunk_size,
-                        config_backend=config_backend)
+        backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backend chosen by :mod:`layers.ops.dispatch` (forced > env > ``backend`` > auto)."""
+    return dispatch.run("mamba2", BACKENDS, x, dt, A, B, C, state, chunk_size=chunk_size, backend=backend)

@@ -1,4 +1,5 @@
-"""Mamba-2 SSD with the Triton chunked scan (:mod:`layers.ops.ssd_triton`), forward and backward.
+"""Mamba-2 SSD with the shared Triton chunked scan (:mod:`layers.ops.common.scalar_decay_triton`), forward and
+backward.
 
 Shapes as in :mod:`layers.ops.mamba2`; the elementwise preparation is the chunked path's
 (:func:`layers.ops.mamba2.chunked.ssd_with_scan`), only the scan is the Triton one.
@@ -8,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from layers.ops.common.scalar_decay_triton import ssd_scan_triton
 from layers.ops.mamba2.chunked import ssd_with_scan
-from layers.ops.ssd_triton import ssd_scan_triton
 
 
 def ssd_triton(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,

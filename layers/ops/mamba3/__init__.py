@@ -17,7 +17,8 @@ Shapes (B batch, T length, R MIMO rank (1 for SISO), H heads, P head dim, N stat
     -> y (B, T, R, H, P) = H_t q_{t,r} (the layer adds D·v, the gate and the W_o contraction), new state
 
 ``pairing`` is ``"interleaved"`` (SISO convention) or ``"half"`` (MIMO convention); see ``naive.rotate``.
-Backends: ``naive`` (token loop in fp32, the oracle) and ``chunked`` (SSD form); see ``layers.ops.dispatch``.
+Backends (``BACKENDS``): ``naive`` (token loop in fp32, the oracle), ``chunked`` (SSD form) and ``triton`` where
+triton is installed; ``backend=`` or :mod:`layers.ops.dispatch` picks one.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ BACKENDS.update(dispatch.triton_backend("layers.ops.mamba3.triton", "mamba3_trit
 def mamba3(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, dt: torch.Tensor,
            lam: torch.Tensor, dtheta: torch.Tensor, state: dict | None = None, w_x: torch.Tensor | None = None,
            *, pairing: str = "interleaved", chunk_size: int = 64,
-           config_backend: str | None = None) -> tuple[torch.Tensor, dict]:
+           backend: str | None = None) -> tuple[torch.Tensor, dict]:
+    """The backend chosen by :mod:`layers.ops.dispatch` (forced > env > ``backend`` > auto)."""
     return dispatch.run("mamba3", BACKENDS, x, q, k, a, dt, lam, dtheta, state, w_x, pairing=pairing,
-                        chunk_size=chunk_size, config_backend=config_backend)
+                        chunk_size=chunk_size, backend=backend)

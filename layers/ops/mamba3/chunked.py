@@ -4,8 +4,8 @@ Unrolling the recurrence, token ``s`` enters the state with ``γ_s`` at ``s`` an
 later, so for ``t > s`` its weight is ``exp(Σ_{s<r<=t} a_r) · scale_s`` with
 ``scale_s = γ_s + (1-λ_{s+1}) Δ_{s+1}`` (``Δ`` past the end taken as 0), and at ``t = s`` it is
 ``γ_s = scale_s - shift_s`` with ``shift_s = (1-λ_{s+1}) Δ_{s+1}``. That is SSD with K scaled by ``scale`` minus
-a diagonal correction (:func:`layers.ops.mamba2.chunked.ssd_scan`, rank folded into the chunk for MIMO).
-The cached previous token enters through the initial state ``H_0 + (1-λ_0) Δ_0 Σ_r v_{-1,r} k_{-1,r}ᵀ``.
+a diagonal correction (:func:`layers.ops.common.scalar_decay_chunked.ssd_scan`, rank folded into the chunk for
+MIMO). The cached previous token enters through the initial state ``H_0 + (1-λ_0) Δ_0 Σ_r v_{-1,r} k_{-1,r}ᵀ``.
 Angles ``θ = (θ_0 + cumsum dθ) mod 2π``, accumulated in fp64 so long sequences keep fp32 precision.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from layers.ops.mamba2.chunked import ssd_scan
+from layers.ops.common.scalar_decay_chunked import ssd_scan
 from layers.ops.mamba3.naive import TWO_PI, rotate, zero_state
 
 

@@ -1,4 +1,5 @@
-"""Mamba-3 (SISO and MIMO) with the Triton chunked scan (:mod:`layers.ops.ssd_triton`), forward and backward.
+"""Mamba-3 (SISO and MIMO) with the shared Triton chunked scan (:mod:`layers.ops.common.scalar_decay_triton`),
+forward and backward.
 
 Shapes as in :mod:`layers.ops.mamba3`. The elementwise preparation (angles, rotation, trapezoid scale and
 diagonal correction, the cached previous token in the initial state) is the chunked path's
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from layers.ops.common.scalar_decay_triton import ssd_scan_triton
 from layers.ops.mamba3.chunked import mamba3_with_scan
-from layers.ops.ssd_triton import ssd_scan_triton
 
 
 def _scan(q, k, v, a, scale, shift, h0, chunk_size, w_v=None):

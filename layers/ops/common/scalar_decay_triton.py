@@ -1,5 +1,6 @@
 """Triton chunked scalar-decay scan, forward and backward: the GPU twin of
-:func:`layers.ops.mamba2.chunked.ssd_scan` (same signature, same result), shared by Mamba-2 and Mamba-3.
+:func:`layers.ops.common.scalar_decay_chunked.ssd_scan` (same signature, same result), shared by Mamba-2 and
+Mamba-3.
 
 Per batch and head, with ``acs`` the cumulative log-decay inside a chunk (rank R folded into the chunk: row
 ``j`` of a chunk is time ``j // R``, rank ``j % R``; only the rank-0 row of a time step carries its ``a``, so a
@@ -263,7 +264,7 @@ class _SSDScan(torch.autograd.Function):
 
 def ssd_scan_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, scale: torch.Tensor,
                     shift: torch.Tensor | None, h0: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same signature and result as :func:`layers.ops.mamba2.chunked.ssd_scan`: ``q, k (B, T, R, H, N)``,
+    """Same signature and result as :func:`layers.ops.common.scalar_decay_chunked.ssd_scan`: ``q, k (B, T, R, H, N)``,
     ``v (B, T, R, H, P)``, ``a, scale, shift (B, T, H)`` (``shift`` may be None), ``h0 (B, H, P, N)`` ->
     ``y (B, T, R, H, P)`` fp32 and the final state ``(B, H, P, N)`` fp32. Differentiable in every tensor."""
     bsz, t_len, r, h, n = q.shape

@@ -1,0 +1,125 @@
+"""Save and load a model folder: the weights plus everything needed to rebuild the model exactly.
+
+Folder layout (Hugging Face style)::
+
+    architecture.yaml        complete config: task, model (every layer parameter resolved), train
+    config.json              model_type "hybridnas", the pattern, sizes and per-symbol layer configs
+    model.safetensors        weights (tied head stored once)
+
+Search trials, confirmation runs and ``hybridnas train --out`` write this folder; ``export`` adds a model card
+and plots beside it. Loading never unpickles (``yaml.safe_load`` and safetensors only) and never imports a
+module named in the folder (a custom layer's import path under ``symbols``) unless the caller passes
+``trust_custom_code=True``. Every file is written through a temp file and a rename, so an interrupted save
+never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from hybridnas import __version__, patterns
+from hybridnas.config import load_arch
+from hybridnas.model import HybridLM
+from hybridnas.schema import ArchConfig, resolved_layers
+from hybridnas.yamlio import atomic_write_bytes, atomic_write_text, dump_yaml, load_file, write_json
+
+ARCH_FILE = "architecture.yaml"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class UntrustedCodeError(RuntimeError):
+    """A model folder names code to import (custom layers) and the caller did not pass ``trust_custom_code``."""
+
+
+def complete_arch(arch: ArchConfig) -> ArchConfig:
+    """The same architecture with every layer parameter written out (defaults resolved)."""
+    model = arch.model
+    full = type(model)(**{**asdict(model), "layers": resolved_layers(model)})
+    return ArchConfig(full, arch.task, arch.train, dict(arch.symbols), arch.name)
+
+
+def hf_config(arch: ArchConfig, model: HybridLM | None = None) -> dict[str, Any]:
+    m = arch.model
+    return {
+        "model_type": "hybridnas",
+        "architectures": ["HybridLM"],
+        "hybridnas_version": __version__,
+        "hybrid_override_pattern": m.pattern,
+        "layer_symbols": patterns.to_primary(m.pattern),
+        "num_hidden_layers": len(patterns.to_primary(m.pattern)),
+        "hidden_size": m.d_model,
+        "vocab_size": m.vocab_size,
+        "rms_norm_eps": m.norm_eps,
+        "tie_word_embeddings": m.tie_embeddings,
+        "initializer_range": m.init_std,
+        "layer_configs": resolved_layers(m),
+        "custom_symbols": dict(arch.symbols),
+        "num_parameters": model.num_params() if model is not None else HybridLM.param_count(m),
+        "torch_dtype": "float32",
+    }
+
+
+def save_weights(path: Path, model: HybridLM, metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, st_save(tensors, metadata=metadata or {"format": "pt"}))
+
+
+def save_checkpoint(out_dir: str | Path, arch: ArchConfig, model: HybridLM) -> Path:
+    """architecture.yaml + config.json + model.safetensors: everything :func:`build_model` needs."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    full = complete_arch(arch)
+    atomic_write_text(out / ARCH_FILE, dump_yaml(full.to_dict()))
+    write_json(out / CONFIG_FILE, hf_config(full, model))
+    save_weights(out / WEIGHTS_FILE, model)
+    return out
+
+
+def load_weights_into(model: HybridLM, folder: str | Path) -> HybridLM:
+    """Load ``folder``'s model.safetensors into ``model`` (strict: every tensor, no others); return ``model``."""
+    wfile = Path(folder) / WEIGHTS_FILE
+    if not wfile.exists():
+        raise FileNotFoundError(f"{wfile} not found (pass load_weights=False for a freshly initialized model)")
+    model.load_state_dict(st_load(wfile.read_bytes()), strict=True)
+    return model
+
+
+def custom_modules(symbols: Any) -> dict[str, str]:
+    """``{symbol: module}`` for each custom layer an architecture's ``symbols`` section would import."""
+    if not isinstance(symbols, dict):
+        return {}
+    out = {}
+    for sym, entry in symbols.items():
+        path = str(entry.get("path") if isinstance(entry, dict) else entry)
+        out[str(sym)] = path.partition(":")[0] if ":" in path else (path.rpartition(".")[0] or path)
+    return out
+
+
+def build_model(path: str | Path, *, device: str | torch.device = "cpu", load_weights: bool = True,
+                trust_custom_code: bool = False) -> HybridLM:
+    """Rebuild the model saved in ``path`` (a folder or its architecture.yaml) and load its weights.
+
+    A folder whose architecture names custom layers by import path is refused with :class:`UntrustedCodeError`
+    (nothing imported) unless ``trust_custom_code=True``: importing a module runs its code.
+    """
+    p = Path(path)
+    folder = p.parent if p.is_file() else p
+    arch_file = folder / ARCH_FILE
+    data, _ = load_file(arch_file)
+    modules = custom_modules(data.get("symbols")) if isinstance(data, dict) else {}
+    if modules and not trust_custom_code:
+        names = ", ".join(f"{sym} -> {mod}" for sym, mod in modules.items())
+        raise UntrustedCodeError(f"{arch_file} names custom layer code to import ({names}); loading it runs "
+                                 f"that module's code. Pass trust_custom_code=True if you trust this folder.")
+    arch = load_arch(str(arch_file))
+    model = HybridLM(arch.model)
+    if load_weights:
+        load_weights_into(model, folder)
+    return model.to(device).eval()

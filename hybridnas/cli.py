@@ -313,6 +313,56 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(text: str) -> list[dict[str, str]]:
+    """``"sampler=tpe,random;pruner=hyperband,none"`` -> every combination as a dict of search settings."""
+    import itertools
+
+    axes = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        key, _, values = part.partition("=")
+        if not values:
+            raise ValueError(f"--compare: {part!r} must look like key=value1,value2")
+        axes.append([(key.strip(), v.strip()) for v in values.split(",") if v.strip()])
+    return [dict(c) for c in itertools.product(*axes)] if axes else [{}]
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from hybridnas.config import load_space
+    from hybridnas.replay import ground_truth, load_table, replay, write_comparison
+    from hybridnas.validation import check_search_overrides
+
+    space = load_space(args.space)
+    rows = load_table(args.table)
+    base = {k: v for k, v in (("sampler", args.sampler), ("pruner", args.pruner), ("lr_mode", args.lr_mode),
+                              ("prune_after", args.prune_after), ("n_trials", args.n_trials)) if v is not None}
+    combos = [{**base, **c} for c in _overrides(args.compare or "")]
+    truth = ground_truth(rows, args.budget, space.directions()[0] == "maximize")
+    best = truth.best
+    print(f"table {args.table}: {len(truth.archs)} architectures at budget {args.budget:g}x; best {best.pattern} "
+          f"{best.params} {best.score:.4f} at lr {best.lr:g}; median {truth.median_score():.4f}; noise band "
+          f"{truth.band:.4f} (pooled seed std {truth.sigma:.4f}); best - median = "
+          f"{(best.score - truth.median_score()) / truth.band if truth.band else math.inf:.1f} bands")
+    summaries = []
+    for combo in combos:
+        settings = check_search_overrides(space.search, combo)
+        sp = replace(space, search=settings)
+        label = ", ".join(f"{k}={v}" for k, v in combo.items()) or "as the space says"
+        summary = replay(sp, rows, args.seeds, budget=args.budget, label=label, first_seed=args.first_seed)
+        summaries.append(summary)
+        exported = {}
+        for r in summary.results:
+            exported[r.pattern] = exported.get(r.pattern, 0) + 1
+        print(f"{label}: {summary.line()}  (exported: "
+              + ", ".join(f"{p} x{n}" for p, n in sorted(exported.items(), key=lambda kv: -kv[1])) + ")")
+    if args.out:
+        write_comparison(summaries, args.out)
+        print(f"wrote {args.out}.png and {args.out}.json")
+    print(summaries[0].line() if len(summaries) == 1 else summaries[0].line())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybridnas", description="Architecture search over hybrid sequence models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -407,6 +457,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--table-only", action="store_true", help="write the table from the study without training")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("replay", help="replay the search loop against a sweep table over many seeds: hit rate, "
+                                      "compute and regret of a search strategy")
+    s.add_argument("space", help="the search-space YAML the table was swept from")
+    s.add_argument("--table", required=True, help="the sweep's table (hybridnas sweep --out)")
+    s.add_argument("--seeds", type=int, default=20, help="search seeds to replay (default 20)")
+    s.add_argument("--first-seed", type=int, default=0)
+    s.add_argument("--budget", type=float, default=1.0, help="the table budget the search runs at (default 1)")
+    s.add_argument("--sampler", help="override search.sampler")
+    s.add_argument("--pruner", help="override search.pruner")
+    s.add_argument("--lr-mode", help="override search.lr_mode (sample, ladder, halving)")
+    s.add_argument("--prune-after", type=float, help="override search.prune_after")
+    s.add_argument("--n-trials", type=int, help="override search.n_trials")
+    s.add_argument("--compare", help="strategies to compare, e.g. 'sampler=tpe,random;pruner=hyperband,none' "
+                                     "(every combination; the last line is the first combination's)")
+    s.add_argument("--out", help="write OUT.png (hit rate and regret against compute) and OUT.json")
+    s.set_defaults(func=cmd_replay)
 
     s = sub.add_parser("validate", help="check search-space YAML files without training anything")
     s.add_argument("files", nargs="+")

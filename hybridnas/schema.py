@@ -181,6 +181,14 @@ class SearchSettings:
     study_name: str | None = None  # default: the space's name
     storage: str | None = None  # default: sqlite:///runs/<study>.db
     save_weights: bool = True  # keep each completed trial's weights under runs/<study>/trials/
+    # the learning rate (hybridnas.ladder): sample = one more searched parameter; ladder = every trial trains
+    # lr_ladder rates over train.lr and keeps the best; halving = the rates train to lr_rung of the steps and the
+    # lowest validation loss there continues alone
+    lr_mode: Literal["sample", "ladder", "halving"] = "sample"
+    lr_ladder: Annotated[int, Ge(1)] = 3
+    lr_rung: Annotated[float, Interval(gt=0, lt=1)] = 0.25
+    # no trial is pruned before this fraction of its steps (recall tasks sit on a plateau, then jump)
+    prune_after: Annotated[float, Interval(ge=0, lt=1)] = 0.0
 
 
 @dataclass

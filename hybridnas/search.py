@@ -24,7 +24,8 @@ import os
 import socket
 import time
 import warnings
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ import torch
 from optuna.exceptions import ExperimentalWarning
 
 from hybridnas import patterns
+from hybridnas.ladder import ladder_from, run_ladder, rung_step
 from hybridnas.model import HybridLM
 from hybridnas.schema import (
     CONSTRAINTS,
@@ -94,7 +96,9 @@ def sample_arch(space: SearchSpace, trial: optuna.Trial) -> ArchConfig:
         if sym in used:
             layers[sym] = {k: suggest(trial, f"{sym}.{k}", v) for k, v in params.items()}
     model = ModelConfig(pattern=pattern, layers=layers, **model_kwargs)
-    train = TrainConfig(**{k: suggest(trial, k, v) for k, v in space.train.items()})
+    ladder = space.search.lr_mode != "sample"
+    train = TrainConfig(**{k: (ladder_from(v, space.search.lr_ladder)[0] if ladder and k == "lr" else
+                               suggest(trial, k, v)) for k, v in space.train.items()})
     bad = check_train(train)
     if bad:
         raise InvalidTrialConfig("; ".join(f"train.{f}: {msg}" for f, msg in bad))
@@ -155,11 +159,13 @@ def make_sampler(space: SearchSpace, seed_offset: int = 0) -> optuna.samplers.Ba
 
 
 def _budget(space: SearchSpace) -> tuple[int, int]:
-    """(smallest eval interval, largest step count) over the space: the pruner's resource bounds."""
+    """(first step a trial may be pruned at, largest step count) over the space: the pruner's resource bounds.
+    The first is the smallest eval interval, or ``search.prune_after`` of the steps if that is later."""
     evals = [int(v) for v in value_options(space.train.get("eval_every", TrainConfig.eval_every))]
     steps = [int(v) for v in value_options(space.train.get("steps", TrainConfig.steps))]
     runs = space.task.build_config().resource_runs()  # a suite reports across its runs
-    return min(evals), max(steps) * runs
+    max_res = max(steps) * runs
+    return max(min(evals), math.ceil(space.search.prune_after * max_res)), max_res
 
 
 def make_pruner(space: SearchSpace) -> optuna.pruners.BasePruner:
@@ -173,6 +179,57 @@ def make_pruner(space: SearchSpace) -> optuna.pruners.BasePruner:
     if p == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=min_res)
     return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_res)
+
+
+def ladder_trainer(space: SearchSpace, base: Callable[..., Any], make_run: Callable[..., Any] | None = None):
+    """A trainer with ``base``'s signature that applies ``search.lr_mode`` (ladder or halving) inside the trial.
+
+    ``make_run(arch, data, log_dir)`` makes one run advanced evaluation by evaluation (default: a real
+    :class:`hybridnas.train.TrainRun`); a task whose trainer is not the plain one (a suite) trains each rate to the
+    end one after the other, with no intermediate reports, and keeps the best. The result carries the winning rate
+    in ``attrs`` (``lr``, ``lr_rungs``)."""
+    from hybridnas import train as train_mod
+
+    s = space.search
+    lrs = ladder_from(space.train.get("lr", TrainConfig.lr), s.lr_ladder)
+    objective = space.objective_names()[0]
+    sign = 1.0 if space.directions()[0] == "maximize" else -1.0
+
+    def score(result: Any) -> float:
+        return sign * float(result.metrics.get(objective, math.nan))
+
+    def trainer(arch: ArchConfig, data: Any, *, on_eval=None, log_dir=None, hparams=None, model=None):
+        def with_lr(lr: float) -> ArchConfig:
+            return replace(arch, train=replace(arch.train, lr=lr))
+
+        plain = make_run is not None or base is train_mod.train
+        if not plain or len(lrs) == 1:
+            results = {lr: base(with_lr(lr), data, on_eval=on_eval if len(lrs) == 1 else None,
+                                log_dir=None if log_dir is None else f"{log_dir}/lr-{lr:g}", hparams=hparams)
+                       for lr in lrs}
+            lr = max(lrs, key=lambda v: (results[v].metrics["stop_reason"] != "nan", _finite(score(results[v]))))
+            out = results[lr]
+            out.attrs.update({"lr": lr, "lr_scores": {f"{v:g}": results[v].metrics.get(objective) for v in lrs}})
+            return out
+
+        def run_for(lr: float):
+            logs = None if log_dir is None else f"{log_dir}/lr-{lr:g}"
+            if make_run is not None:
+                return make_run(with_lr(lr), data, logs)
+            return train_mod.TrainRun(with_lr(lr), data, log_dir=logs, hparams=hparams)
+
+        outcome = run_ladder(run_for, lrs, mode=s.lr_mode, rung=rung_step(arch.train, s.lr_rung),
+                             target=arch.train.target_accuracy, on_eval=on_eval, score=score)
+        result = outcome.result
+        result.attrs.update({"lr": outcome.lr, "lr_rungs": {f"{lr:g}": {k: ev[k] for k in ("step", "loss", "accuracy")}
+                                                            for lr, ev in outcome.rungs.items()}})
+        return result
+
+    return trainer
+
+
+def _finite(v: float) -> float:
+    return v if math.isfinite(v) else -math.inf
 
 
 def resolve_storage(space: SearchSpace, storage: str | None, study_name: str | None, workers: int = 1) -> str:
@@ -252,12 +309,19 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 class Objective:
     """Callable Optuna objective for one search space. Task data are built once and shared by all trials."""
 
-    def __init__(self, space: SearchSpace, study_name: str, *, total: int | None = None, quiet: bool = False):
+    def __init__(self, space: SearchSpace, study_name: str, *, total: int | None = None, quiet: bool = False,
+                 trainer: Callable[..., Any] | None = None, make_run: Callable[..., Any] | None = None,
+                 data: Any = None):
+        """``trainer`` (train's signature) and ``make_run`` (a run advanced evaluation by evaluation, for the lr
+        ladder) replace real training: :mod:`hybridnas.replay` answers trials from a sweep's table through them."""
         from hybridnas.tasks import build_task
 
         self.space = space
         self.study_name = study_name
-        self.data = build_task(space.task.name, space.task.build_config())
+        self.trainer = trainer
+        self.make_run = make_run
+        self.data = data if data is not None or trainer is not None else build_task(space.task.name,
+                                                                                     space.task.build_config())
         self.total = total
         self.quiet = quiet
         self.names = space.objective_names()
@@ -301,7 +365,8 @@ class Objective:
         if dup is not None:
             trial.set_user_attr("duplicate_of", dup.number)
             for k, v in dup.user_attrs.items():
-                if k in ("state_bytes", "tokens_per_s", "metrics", "weights") or k.startswith("mad/"):
+                if k in ("state_bytes", "tokens_per_s", "metrics", "weights", "arch", "lr", "lr_rungs", "lr_scores") \
+                        or k.startswith("mad/"):
                     trial.set_user_attr(k, v)
             return dup.values[0] if len(self.names) == 1 else list(dup.values)
         return self._train(trial, arch, n_params, t0)
@@ -324,7 +389,9 @@ class Objective:
     def _train(self, trial: optuna.Trial, arch: ArchConfig, n_params: int, t0: float) -> float | list[float]:
         from hybridnas.trainers import trainer_for
 
-        train = trainer_for(arch.task.name)
+        train = self.trainer or trainer_for(arch.task.name)
+        if self.space.search.lr_mode != "sample":
+            train = ladder_trainer(self.space, train, self.make_run)
         primary = self.names[0]
         multi = len(self.names) > 1
         out_dir = trial_dir(self.study_name, trial.number)
@@ -365,6 +432,9 @@ class Objective:
         trial.set_user_attr("metrics", metrics)
         for k, v in result.attrs.items():
             trial.set_user_attr(k, v)
+        if "lr" in result.attrs:  # the ladder's winning rate is the one the exported architecture trains with
+            arch = replace(arch, train=replace(arch.train, lr=float(result.attrs["lr"])))
+            trial.set_user_attr("arch", arch.to_dict())
         if result.metrics["stop_reason"] == "nan":
             return self._fail(trial, "diverged", "loss became NaN or infinite")
         value = result.metrics[primary]
@@ -408,8 +478,12 @@ def _progress_callback(total: int, done: int, quiet: bool):
 
 def run_search(space: SearchSpace, *, storage: str | None = None, study_name: str | None = None,
                n_trials: int | None = None, timeout: float | None = None, quiet: bool = False,
-               workers: int = 1, seed_offset: int = 0) -> optuna.Study:
+               workers: int = 1, seed_offset: int = 0, objective_kwargs: dict[str, Any] | None = None,
+               gc_after_trial: bool = True) -> optuna.Study:
     """Run (or resume) the study until it holds ``n_trials`` finished trials. Returns the study.
+
+    ``objective_kwargs`` go to :class:`Objective` (``trainer``, ``make_run``, ``data``: a replay answers trials
+    from a table through them; the rest of the loop is the search's own).
 
     ``workers`` only picks the default storage (a journal file when several processes share the study);
     :func:`hybridnas.workers.run_workers` starts the processes. KeyboardInterrupt propagates after Optuna has
@@ -427,7 +501,7 @@ def run_search(space: SearchSpace, *, storage: str | None = None, study_name: st
         if not quiet:
             print(f"study {study.study_name!r} already has {done} finished trials (target {total}); nothing to run")
         return study
-    objective = Objective(space, study.study_name, total=total, quiet=quiet)
+    objective = Objective(space, study.study_name, total=total, quiet=quiet, **(objective_kwargs or {}))
     bar, callback = _progress_callback(total, done, quiet)
 
     def cap(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -437,7 +511,7 @@ def run_search(space: SearchSpace, *, storage: str | None = None, study_name: st
     try:
         # n_trials is an upper bound only: `cap` stops the loop once the study (all workers) holds `total`
         study.optimize(objective, n_trials=total * 4, timeout=timeout or space.search.timeout,
-                       callbacks=[callback, cap], gc_after_trial=True)
+                       callbacks=[callback, cap], gc_after_trial=gc_after_trial)
     finally:
         bar.close()
     return study

@@ -65,7 +65,10 @@ def is_url(storage: str) -> bool:
 
 
 def make_storage(url: str, heartbeat_interval: int = 30, grace_period: int = 120) -> optuna.storages.BaseStorage:
-    """SQLAlchemy URL -> RDB storage; anything else is a journal file path. Both with heartbeats."""
+    """SQLAlchemy URL -> RDB storage; ``:memory:`` -> in-memory (a replay); anything else is a journal file path.
+    RDB and journal storages get heartbeats."""
+    if url == ":memory:":
+        return optuna.storages.InMemoryStorage()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         if is_url(url):

@@ -286,3 +286,27 @@ def parse_searchable(value: Any, tp: Any, path: PathT, src: Source) -> Any:
             raise src.error(path, "a range cannot have both log and step")
         return r
     return check_value(value, tp, path, src)
+
+
+def check_search_overrides(settings: Any, overrides: dict[str, Any]) -> Any:
+    """``settings`` (a :class:`~hybridnas.schema.SearchSettings`) with command-line ``overrides`` applied: values
+    may be strings (``"0.5"``), converted by the field's current type; unknown fields and values out of their
+    declared bounds are a ``ValueError`` naming the field."""
+    current = dataclasses.asdict(settings)
+    merged = dict(current)
+    for key, value in overrides.items():
+        if key not in current:
+            raise ValueError(f"unknown search setting {key!r}" + suggest(key, current)
+                             + f"; known: {', '.join(current)}")
+        old = current[key]
+        if isinstance(value, str) and isinstance(old, (int, float)) and not isinstance(old, bool):
+            try:
+                value = type(old)(float(value)) if isinstance(old, int) else float(value)
+            except ValueError:
+                raise ValueError(f"search.{key}: expected a number, got {value!r}") from None
+        merged[key] = value
+    problems = field_problems(type(settings), merged)
+    if problems:
+        fld, message = problems[0]
+        raise ValueError(f"search.{fld}: {message}")
+    return type(settings)(**merged)

@@ -303,7 +303,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     log = (lambda *a: None) if args.quiet else print
     log(f"sweep of {space.name!r}: {len(plan.candidates)} architectures x lrs {plan.lrs} x seeds {plan.seeds} at "
         f"budget {plan.budgets[0]:g}x, then budgets {plan.budgets[1:]} at {args.long_lrs} lr: {plan.total()} runs")
-    if args.table_only:
+    if args.workers > 1 and not args.table_only:
+        from hybridnas.sweep import run_sweep_workers, sweep_study_name
+
+        name = args.study or sweep_study_name(space)
+        storage = args.storage or f"runs/{name}.journal"
+        open_sweep_study(space, storage, name)  # created once, before the workers start
+        argv = [args.space, "--study", name, "--n-lrs", str(args.n_lrs), "--budgets", args.budgets,
+                "--long-lrs", args.long_lrs, "--seed-list", ",".join(map(str, seeds))]
+        if args.lrs:
+            argv += ["--lrs", args.lrs]
+        log(f"{args.workers} workers on {storage}; logs in runs/{name}/")
+        failed = run_sweep_workers(argv, args.workers, storage, f"runs/{name}")
+        study = open_sweep_study(space, storage, name)
+        if failed:
+            print(f"{failed} worker(s) exited with an error; see runs/{name}/", file=sys.stderr)
+            return 1
+    elif args.table_only:
         study = open_sweep_study(space, args.storage, args.study)
     else:
         study = run_sweep(plan, storage=args.storage, study_name=args.study, max_runs=args.max_runs, log=log)
@@ -454,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/<study>.db) or a journal file path")
     s.add_argument("--study", help="study name (default: <space name>-sweep)")
     s.add_argument("--max-runs", type=int, help="stop after this many runs in this process")
+    s.add_argument("--workers", type=int, default=1, help="local worker processes sharing the study (a journal file "
+                                                          "under runs/ by default), cores // N threads each")
     s.add_argument("--table-only", action="store_true", help="write the table from the study without training")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sweep)

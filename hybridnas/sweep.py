@@ -211,6 +211,7 @@ def sweep_study_name(space: SearchSpace) -> str:
 
 
 def open_sweep_study(space: SearchSpace, storage: str | None = None, study_name: str | None = None) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = study_name or sweep_study_name(space)
     url = storage or f"sqlite:///{RUNS_DIR}/{name}.db"
     st = make_storage(url, space.search.heartbeat_interval, space.search.grace_period)
@@ -375,3 +376,29 @@ def write_table(study: optuna.Study, path: str) -> int:
         w.writerow({k: ("" if v is None else v) for k, v in r.items()})
     atomic_write_text(path, buf.getvalue())
     return len(rows)
+
+
+def run_sweep_workers(argv: list[str], n: int, storage: str, log_dir: str) -> int:
+    """``n`` processes of ``hybridnas sweep`` (``argv`` without ``--workers``) on one study: each gets
+    ``cores // n`` torch threads (at least 1) and a log file; returns how many exited with an error."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // n))}
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    procs, logs = [], []
+    for i in range(n):
+        log = open(Path(log_dir) / f"sweep-worker-{i}.log", "ab")
+        logs.append(log)
+        procs.append(subprocess.Popen([sys.executable, "-m", "hybridnas.cli", "sweep", *argv, "--storage", storage],
+                                      stdout=log, stderr=subprocess.STDOUT, env=env))
+        time.sleep(1)  # the first creates the study
+    try:
+        for p in procs:
+            p.wait()
+    finally:
+        for log in logs:
+            log.close()
+    return sum(p.returncode != 0 for p in procs)

@@ -1,0 +1,72 @@
+"""The quickstart's ground truth: spread of the table, noise, and how the short budget ranks against the long one.
+
+    python experiments/search_fidelity/analyze.py experiments/search_fidelity/quickstart_table.csv
+
+Prints every architecture's ground truth at each budget (its best lr's mean over seeds, the seed std there), the
+spread (best minus median in noise bands), the seed-to-seed Spearman at the first budget (the ceiling any proxy can
+reach), and the Spearman between the first budget's ranking and each longer budget's, over the architectures that
+have both, with a bootstrap interval over seeds.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import sys
+
+from hybridnas.replay import ground_truth, load_table, spearman
+
+
+def main(path: str) -> None:
+    rows = load_table(path)
+    budgets = sorted({r.budget for r in rows})
+    first = ground_truth(rows, budgets[0])
+    longer = {b: ground_truth(rows, b) for b in budgets[1:]}
+    print(f"{path}: {len(rows)} runs, budgets {budgets}, {len(first.archs)} architectures")
+    head = f"{'pattern':8s} {'params':32s} {'1x best lr':>10s} {'1x score':>9s} {'1x std':>7s}"
+    for b in budgets[1:]:
+        head += f" {f'{b:g}x score':>10s} {f'{b:g}x std':>8s}"
+    print(head)
+    for a in sorted(first.archs.values(), key=lambda a: -a.score):
+        extra = {k: v for k, v in a.params.items() if k != "pattern"}
+        line = f"{a.pattern:8s} {str(extra):32s} {a.lr:10.3g} {a.score:9.4f} {a.std:7.4f}"
+        for b in budgets[1:]:
+            t = longer[b].archs.get(a.arch_key)
+            line += f" {t.score:10.4f} {t.std:8.4f}" if t else f" {'-':>10s} {'-':>8s}"
+        print(line)
+    med = first.median_score()
+    print(f"best {first.best.pattern} {first.best.score:.4f}, median {med:.4f}, noise band (2 SE) {first.band:.4f}, "
+          f"pooled seed std {first.sigma:.4f}: best - median = "
+          + (f"{(first.best.score - med) / first.band:.1f} bands" if first.band else "(no seed noise yet)"))
+    # seed-to-seed ceiling at the first budget: rank by seed 0 against rank by seed 1, each at the arch's best lr
+    seeds = sorted({r.seed for r in rows})
+    by = {}
+    for r in rows:
+        if r.budget == budgets[0]:
+            by[(r.arch_key, r.lr, r.seed)] = r.score
+    if len(seeds) >= 2:
+        keys = list(first.archs)
+        s0 = [by.get((k, first.archs[k].lr, seeds[0])) for k in keys]
+        s1 = [by.get((k, first.archs[k].lr, seeds[1])) for k in keys]
+        print(f"seed-to-seed Spearman at {budgets[0]:g}x (seed {seeds[0]} vs {seeds[1]}): {spearman(s0, s1):.3f}")
+    for b, truth in longer.items():
+        keys = [k for k in first.archs if k in truth.archs]
+        rho = spearman([first.archs[k].score for k in keys], [truth.archs[k].score for k in keys])
+        # bootstrap over seeds: resample each architecture's runs (at its chosen lr) with replacement
+        rng = random.Random(0)
+        long_runs = {k: [r.score for r in rows if r.budget == b and r.arch_key == k] for k in keys}
+        short_runs = {k: [r.score for r in rows if r.budget == budgets[0] and r.arch_key == k
+                          and r.lr == first.archs[k].lr] for k in keys}
+        boots = []
+        for _ in range(1000):
+            xs = [statistics.fmean(rng.choices(short_runs[k], k=len(short_runs[k]))) for k in keys]
+            ys = [statistics.fmean(rng.choices(long_runs[k], k=len(long_runs[k]))) for k in keys]
+            boots.append(spearman(xs, ys))
+        boots = sorted(v for v in boots if v == v)
+        lo, hi = boots[int(0.025 * len(boots))], boots[int(0.975 * len(boots)) - 1]
+        print(f"Spearman {budgets[0]:g}x vs {b:g}x over {len(keys)} architectures: {rho:.3f} "
+              f"(bootstrap over seeds, 95%: {lo:.3f} to {hi:.3f})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

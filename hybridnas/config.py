@@ -113,6 +113,8 @@ CONSTRAINTS = {"params": "max", "state_bytes": "max", "tokens_per_s": "min"}
 @dataclass
 class SearchSettings:
     n_trials: int = 20
+    # proposals per run that train nothing (infeasible, duplicate, repaired); default max(50, 10 * n_trials)
+    max_proposals: int | None = None
     timeout: float | None = None  # seconds for the whole search (per worker)
     objective: Literal["accuracy", "loss"] = "accuracy"
     # several objectives give a Pareto front (no pruning); the first must be accuracy or loss
@@ -571,6 +573,8 @@ def _check_search(search: SearchSettings, src: Source) -> None:
         raise src.error(("search", "confirm_budget"), "must be positive")
     if search.grace_period <= search.heartbeat_interval:
         raise src.error(("search", "grace_period"), f"must exceed heartbeat_interval ({search.heartbeat_interval})")
+    if search.max_proposals is not None and search.max_proposals < 1:
+        raise src.error(("search", "max_proposals"), "must be positive or null")
     if search.state_seq_len is not None and search.state_seq_len < 1:
         raise src.error(("search", "state_seq_len"), "must be positive or null")
     if search.objectives is not None:

@@ -74,4 +74,8 @@ def run_workers(space: SearchSpace, n: int, *, storage: str, study_name: str, n_
     failed = sum(p.returncode != 0 for p in procs)
     if failed and not quiet:
         print(f"{failed} worker(s) exited with an error; see {log_dir}/")
+    trained = finished_count(study)
+    if trained < n_trials:
+        print(f"ended short of the target: trained {trained} of {n_trials} trials (why: {log_dir}/); "
+              "run the same command again to go on")
     return failed

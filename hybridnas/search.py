@@ -406,6 +406,7 @@ class Objective:
             if violations:
                 trial.set_user_attr("infeasible", "; ".join(violations))
                 raise optuna.TrialPruned("infeasible before training: " + "; ".join(violations))
+            trial.set_user_attr("threads", arch.train.threads or torch.get_num_threads())
             result = train(arch, self.data, on_eval=on_eval, model=model,
                            log_dir=str(Path(RUNS_DIR) / self.study_name / "tb" / f"trial-{trial.number:05d}"),
                            hparams=hparams)
@@ -492,11 +493,15 @@ def run_search(space: SearchSpace, *, storage: str | None = None, study_name: st
 
     Proposals that train nothing (infeasible, duplicate, repaired, invalid) do not count; one run stops after
     :func:`proposal_cap` of them and says so. A run that ends short of the target says how many trained.
+    Torch's threads are set first (:func:`hybridnas.runtime.apply_torch_threads`: the usable cores shared by
+    the local workers, unless ``train.threads`` or ``OMP_NUM_THREADS`` says otherwise).
 
     ``workers`` only picks the default storage (a journal file when several processes share the study);
     :func:`hybridnas.workers.run_workers` starts the processes. KeyboardInterrupt propagates after Optuna has
     marked the running trial FAIL: the study stays consistent and re-running the same command resumes it.
     """
+    from hybridnas.runtime import apply_torch_threads
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(space, storage, study_name, workers=workers, seed_offset=seed_offset)
     stored = study.user_attrs.get("space_yaml")
@@ -509,6 +514,8 @@ def run_search(space: SearchSpace, *, storage: str | None = None, study_name: st
         if not quiet:
             print(f"study {study.study_name!r} already has {done} trained trials (target {total}); nothing to run")
         return study
+    threads = space.train.get("threads")
+    apply_torch_threads(threads if isinstance(threads, int) and not isinstance(threads, bool) else None)
     objective = Objective(space, study.study_name, total=total, quiet=quiet)
     bar, callback = _progress_callback(total, done, quiet)
     limit = proposal_cap(space, total)

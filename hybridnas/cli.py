@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("space", help="search-space YAML")
     s.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/<study>.db) or a journal file path")
     s.add_argument("--study", help="study name (default: the space's search.study_name or name)")
-    s.add_argument("--n-trials", type=int, help="total finished trials to reach (default: search.n_trials)")
+    s.add_argument("--n-trials", type=int, help="total trained trials to reach (default: search.n_trials)")
     s.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     s.add_argument("--seed", type=int, help="sampler seed (overrides search.seed)")
     s.add_argument("--export", metavar="DIR", help="export the best trial to DIR when done")

@@ -13,6 +13,9 @@ already completed one is not retrained: it reuses that value and says so (``dupl
 Budgets (``search.constraints``) become Optuna constraints (``trial.set_constraint``; feasible when <= 0).
 They are known before training, so an infeasible candidate is recorded (PRUNED, ``infeasible``) and never
 trained. One objective keeps pruning; several objectives give a Pareto front and no pruning.
+
+``n_trials`` counts trials that trained (:func:`counts_toward_budget`); infeasible, duplicate, repaired and
+invalid proposals (:func:`bookkeeping`) are counted apart and capped per run (:func:`proposal_cap`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """The trained-trial budget: infeasible, duplicate and repaired proposals do not use it up, they are capped apart,
 and a repaired genome teaches the sampler the genes that were trained."""
 
+import os
 import re
+import subprocess
+import uuid
 
 import optuna
 import pytest
@@ -10,6 +13,8 @@ from hybridnas import search
 from hybridnas.cli import main
 from hybridnas.config import load_space
 from hybridnas.pattern_space import sample_pattern
+from hybridnas.storage import load_study
+from hybridnas.workers import worker_command
 
 # length-4 genomes over A (2048 decode-state bytes each at d_model 16, seq 16) and F (none): a 3000-byte budget
 # admits at most one A, so 11 of 16 genomes are infeasible
@@ -136,3 +141,29 @@ def test_over_cap_ignores_bookkeeping_but_counts_undecided_live_trials():
     t3.set_user_attr("infeasible", "state_bytes=9 vs max 1")
     assert not search.over_cap(study, 6, 3)  # t0, t5
     assert t5.number == 5
+
+
+def _storages():
+    yield pytest.param("journal", id="journal-file")
+    url = os.environ.get("HYBRIDNAS_TEST_POSTGRES")
+    yield pytest.param(url or "postgresql", id="postgresql",
+                       marks=pytest.mark.skipif(not url, reason="HYBRIDNAS_TEST_POSTGRES is not set (CI starts one)"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", list(_storages()))
+def test_racing_workers_train_exactly_n_trials_among_bookkeeping_proposals(storage, tmp_path):
+    name = f"race_{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "race.yaml"
+    path.write_text(GENOME.format(name=name, n=5, counts=", counts: {A: {max: 2}}",
+                                  extra="  constraints: {state_bytes: 3000}\n").replace("steps: 4,", "steps: 60,"))
+    url = str(tmp_path / "runs" / f"{name}.journal") if storage == "journal" else storage
+    search.open_study(load_space(str(path)), url, name)
+    procs = [subprocess.Popen(worker_command(str(path), url, name, 5, i), cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for i in range(3)]
+    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    study = load_study(name, url)
+    ran_training = [t for t in study.trials if "threads" in t.user_attrs]  # set just before training starts
+    assert len(ran_training) == search.finished_count(study) == 5, outs
+    assert any(search.bookkeeping(t) for t in study.trials)

@@ -174,20 +174,19 @@ def cmd_show(args: argparse.Namespace) -> int:
     rows = []
     for t in trials:
         dur = t.duration.total_seconds() if t.duration is not None else None
-        note = t.user_attrs.get("fail_reason", "")
-        if "duplicate_of" in t.user_attrs:
-            note = f"duplicate of #{t.user_attrs['duplicate_of']}"
-        if t.state == optuna.trial.TrialState.PRUNED:
-            note = ("infeasible: " + t.user_attrs["infeasible"]) if "infeasible" in t.user_attrs else \
-                f"pruned at step {t.user_attrs.get('pruned_at_step', t.last_step)}"
+        note = search.trial_note(t)
+        if t.state == optuna.trial.TrialState.PRUNED and search.bookkeeping(t) is None:
+            note = ", ".join(filter(None, [f"pruned at step {t.user_attrs.get('pruned_at_step', t.last_step)}",
+                                           note]))
         if t.state == optuna.trial.TrialState.FAIL and not note:
             note = "interrupted (re-run on resume)"
-        rows.append([str(t.number), t.state.name, str(t.user_attrs.get("pattern", "?")),
+        pattern = t.user_attrs.get("pattern") or t.user_attrs.get("pattern_repaired", "?")
+        rows.append([str(t.number), t.state.name, str(pattern),
                      f"{t.user_attrs['params']:,}" if "params" in t.user_attrs else "-",
                      f"{t.user_attrs['state_bytes']:,}" if "state_bytes" in t.user_attrs else "-",
                      _fmt_values(t.values), f"{dur:.1f}s" if dur is not None else "-", note])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    print(f"study {study.study_name!r}: {len(trials)} trials, "
+    print(f"study {study.study_name!r}: {len(trials)} trials ({search.finished_count(study)} trained), "
           + ", ".join(f"{d.name.lower()} {n}" for d, n in zip(study.directions, names, strict=False)))
     for r in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -387,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("space", help="search-space YAML")
     s.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/<study>.db) or a journal file path")
     s.add_argument("--study", help="study name (default: the space's search.study_name or name)")
-    s.add_argument("--n-trials", type=int, help="total finished trials to reach (default: search.n_trials)")
+    s.add_argument("--n-trials", type=int, help="total trained trials to reach (default: search.n_trials)")
     s.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     s.add_argument("--seed", type=int, help="sampler seed (overrides search.seed)")
     s.add_argument("--export", metavar="DIR", help="export the best trial to DIR when done")

@@ -13,7 +13,8 @@ optional per-position overrides (negative indices count from the end) and per-sy
 Each position is one categorical Optuna parameter (``pattern.pos3``). Count bounds are hard, but Optuna's
 categorical choices are fixed per parameter, so a sampled genome that breaks a bound is *repaired*
 deterministically (over-used symbols replaced by the next allowed one, missing ones placed from the end)
-and the trial records ``pattern_repaired``.
+and the trial records ``pattern_repaired``. The search then trains the repaired genes as a new trial
+(``hybridnas.search.Objective``), so a trained trial's genes never need repair.
 
 Ratio (``model.pattern.ratio``): a total length, a base symbol and shares of other symbols; each share's
 layers are placed evenly over the positions still free, in the order the shares are written, as Megatron-LM

@@ -11,6 +11,12 @@ near the peak), which is what a training process wants.
 
 ``hybridnas`` commands call :func:`tune_malloc` first; a program using the library directly can call it too.
 ``HYBRIDNAS_MALLOC=system`` leaves malloc as it is.
+
+Torch threads: by default torch runs one intra-op thread per core, so training processes that share cores (search
+workers, or any other busy process) oversubscribe them and a step slows down many times over. A search worker takes
+its share instead (:func:`torch_threads`): the cores it may run on divided by the local workers sharing them
+(``--workers N`` tells each child through ``HYBRIDNAS_LOCAL_WORKERS``), at least one, and one inter-op thread.
+``train.threads`` or ``OMP_NUM_THREADS``, when set, win.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Mapping
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
 MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value (64-bit)
@@ -41,3 +48,43 @@ def tune_malloc() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _done = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     return _done
+
+
+LOCAL_WORKERS_ENV = "HYBRIDNAS_LOCAL_WORKERS"  # how many search workers share this machine's cores
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its affinity mask where the OS has one, else the CPU count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def torch_threads(explicit: int | None = None, *, cores: int | None = None,
+                  environ: Mapping[str, str] | None = None) -> int:
+    """Intra-op threads for a search worker: ``explicit`` (``train.threads``) if set, else ``OMP_NUM_THREADS`` if
+    set, else ``max(1, cores // local workers)`` with the worker count from ``HYBRIDNAS_LOCAL_WORKERS`` (default 1)."""
+    env = os.environ if environ is None else environ
+    if explicit:
+        return int(explicit)
+    omp = env.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    workers = env.get(LOCAL_WORKERS_ENV, "").strip()
+    n = int(workers) if workers.isdigit() and int(workers) > 0 else 1
+    return max(1, (cores or usable_cores()) // n)
+
+
+def apply_torch_threads(explicit: int | None = None) -> int:
+    """Set torch's intra-op threads to :func:`torch_threads` and its inter-op threads to 1 (where torch still
+    allows it: only before its first parallel work). Returns the intra-op count."""
+    import torch
+
+    n = torch_threads(explicit)
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already started (or set) in this process
+    return n

@@ -156,6 +156,8 @@ CONSTRAINTS = {"params": "max", "state_bytes": "max", "tokens_per_s": "min"}
 @dataclass
 class SearchSettings:
     n_trials: Annotated[int, Positive] = 20
+    # proposals per run that train nothing (infeasible, duplicate, repaired); default max(50, 10 * n_trials)
+    max_proposals: Annotated[int, Positive] | None = None
     timeout: Annotated[float, Positive] | None = None  # seconds for the whole search (per worker)
     objective: Literal["accuracy", "loss"] = "accuracy"
     # several objectives give a Pareto front (no pruning); the first must be accuracy or loss

@@ -13,10 +13,14 @@ already completed one is not retrained: it reuses that value and says so (``dupl
 Budgets (``search.constraints``) become Optuna constraints (``trial.set_constraint``; feasible when <= 0).
 They are known before training, so an infeasible candidate is recorded (PRUNED, ``infeasible``) and never
 trained. One objective keeps pruning; several objectives give a Pareto front and no pruning.
+
+``n_trials`` counts trials that trained (:func:`counts_toward_budget`); infeasible, duplicate, repaired and
+invalid proposals (:func:`bookkeeping`) are counted apart and capped per run (:func:`proposal_cap`).
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -27,7 +31,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import optuna
 import torch
@@ -70,19 +74,24 @@ def suggest(trial: optuna.Trial, name: str, value: Any) -> Any:
     return value
 
 
-def sample_arch(space: SearchSpace, trial: optuna.Trial) -> ArchConfig:
-    """Ask ``trial`` for every searchable value of ``space``; return the concrete architecture."""
+def sample_arch(space: SearchSpace, trial: optuna.Trial, notes: dict[str, Any] | None = None) -> ArchConfig:
+    """Ask ``trial`` for every searchable value of ``space``; return the concrete architecture.
+
+    What sampling had to change (``pattern_repaired``: the genome before repair) is set on the trial and, when
+    ``notes`` is given, also put there, so a caller can tell this trial's repair from attributes it inherited."""
     from hybridnas.pattern_space import RepairError, sample_pattern
 
     m = space.model
     pspace = m.get("pattern", ModelConfig.pattern)
     if hasattr(pspace, "used_symbols"):
         try:
-            pattern, notes = sample_pattern(pspace, trial, suggest)
+            pattern, found = sample_pattern(pspace, trial, suggest)
         except RepairError as e:
             raise InvalidTrialConfig(f"sampled genome cannot meet the count bounds: {e}") from None
-        for k, v in notes.items():
+        for k, v in found.items():
             trial.set_user_attr(k, v)
+        if notes is not None:
+            notes.update(found)
     else:
         pattern = suggest(trial, "pattern", pspace)
     model_kwargs: dict[str, Any] = {}
@@ -264,12 +273,30 @@ def trial_dir(study_name: str, number: int) -> Path:
 # ---------------------------------------------------------------------------------------------- budget count
 
 
+def bookkeeping(t: optuna.trial.FrozenTrial) -> str | None:
+    """Why a proposal trained nothing, or None for a trial that trained (or may still train): ``infeasible``
+    (a budget broken before training), ``duplicate`` (reuses a completed trial's value), ``repaired`` (its
+    genome was repaired and re-proposed as ``repaired_into``), ``invalid`` (a configuration that cannot be
+    built). The marks are set the moment the trial knows, before it finishes."""
+    a = t.user_attrs
+    if "infeasible" in a:
+        return "infeasible"
+    if "duplicate_of" in a:
+        return "duplicate"
+    if "repaired_into" in a:
+        return "repaired"
+    if a.get("fail_reason") == "invalid_config":
+        return "invalid"
+    return None
+
+
 def counts_toward_budget(t: optuna.trial.FrozenTrial) -> bool:
-    """Finished trials count toward ``n_trials``: complete, pruned (also infeasible), and failures recorded
-    as data (OOM, divergence, invalid config). A trial failed by Ctrl-C or a killed worker has no
+    """Only trials that trained count toward ``n_trials``: complete, pruned while training, and failures
+    recorded as data (OOM, divergence, errors). Bookkeeping proposals (:func:`bookkeeping`) are counted apart
+    and capped per run (:func:`proposal_cap`). A trial failed by Ctrl-C or a killed worker has no
     ``fail_reason`` and does not count, so it is re-run instead of losing budget to the interruption; a trial
     started past the cap by a racing worker (``over_cap``) never counts."""
-    if "over_cap" in t.user_attrs:
+    if "over_cap" in t.user_attrs or bookkeeping(t) is not None:
         return False
     if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
         return True
@@ -277,19 +304,31 @@ def counts_toward_budget(t: optuna.trial.FrozenTrial) -> bool:
 
 
 def finished_count(study: optuna.Study) -> int:
+    """Trials that trained (see :func:`counts_toward_budget`)."""
     return sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
 
 
+def proposal_cap(space: SearchSpace, total: int) -> int:
+    """How many proposals that train nothing one run (one process) may make before it stops:
+    ``search.max_proposals``, by default ``max(50, 10 * n_trials)``."""
+    return space.search.max_proposals or max(50, 10 * total)
+
+
 def _holds_a_ticket(t: optuna.trial.FrozenTrial) -> bool:
+    """Trained, or live and not yet known to be bookkeeping: such a trial may still train, so it holds a slot."""
     live = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-    return counts_toward_budget(t) or (t.state in live and "over_cap" not in t.user_attrs)
+    return counts_toward_budget(t) or (t.state in live and "over_cap" not in t.user_attrs
+                                       and bookkeeping(t) is None)
 
 
 def over_cap(study: optuna.Study, trial_number: int, total: int) -> bool:
-    """True when ``total`` earlier trials already count or run: this one must not train.
+    """True when ``total`` earlier trials already count or may still train: this one must not train.
 
     Trial numbers are assigned by the storage in creation order, so every worker ranks the same way and at
-    most ``total`` trials ever train, however many workers race for the last slots."""
+    most ``total`` trials ever train, however many workers race for the last slots: every earlier trial that
+    will train is either finished and counted or live and unmarked when this one checks (a bookkeeping mark
+    is final). A live trial that later turns out to be bookkeeping may make this check refuse a slot that
+    frees up; the worker that owns it goes on and fills it, so the study still reaches its target."""
     earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial_number and _holds_a_ticket(t)]
     return len(earlier) >= total
 
@@ -333,6 +372,22 @@ class Objective:
                 return t
         return None
 
+    def _requeue_repaired(self, trial: optuna.Trial, genes: str, pattern: str) -> NoReturn:
+        """A repaired genome trains as a new trial whose genes are the repaired ones, so every trained trial's
+        params map to its pattern without repair and the sampler learns what was trained. This proposal ends
+        PRUNED (``repaired_into``) without training and does not count toward ``n_trials``."""
+        params = dict(trial.params)
+        for name in params:
+            if name.startswith("pattern.pos"):
+                params[name] = pattern[int(name[len("pattern.pos"):].split("[")[0])]
+        study = trial.study
+        study.enqueue_trial(params, user_attrs={"repaired_from": trial.number, "pattern_repaired": genes})
+        child = next(t.number for t in study.get_trials(deepcopy=False)
+                     if t.user_attrs.get("repaired_from") == trial.number)
+        trial.set_user_attr("repaired_pattern", pattern)
+        trial.set_user_attr("repaired_into", child)
+        raise optuna.TrialPruned(f"genome {genes} repaired into {pattern}, proposed again as trial {child}")
+
     def _fail(self, trial: optuna.Trial, reason: str, error: str) -> float | list[float]:
         trial.set_user_attr("fail_reason", reason)
         trial.set_user_attr("error", error[:500])
@@ -345,10 +400,13 @@ class Objective:
             trial.study.stop()
             raise optuna.TrialPruned("the study already holds its trial cap")
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        notes: dict[str, Any] = {}
         try:
-            arch = sample_arch(self.space, trial)
+            arch = sample_arch(self.space, trial, notes)
         except InvalidTrialConfig as e:
             return self._fail(trial, "invalid_config", str(e))
+        if "pattern_repaired" in notes:
+            self._requeue_repaired(trial, notes["pattern_repaired"], arch.model.pattern)
         model = arch.model
         trial.set_user_attr("pattern", model.pattern)
         trial.set_user_attr("canonical", patterns.to_primary(model.pattern))
@@ -418,6 +476,7 @@ class Objective:
             if violations:
                 trial.set_user_attr("infeasible", "; ".join(violations))
                 raise optuna.TrialPruned("infeasible before training: " + "; ".join(violations))
+            trial.set_user_attr("threads", arch.train.threads or torch.get_num_threads())
             result = train(arch, self.data, on_eval=on_eval, model=model,
                            log_dir=str(Path(RUNS_DIR) / self.study_name / "tb" / f"trial-{trial.number:05d}"),
                            hparams=hparams)
@@ -452,26 +511,50 @@ class Objective:
 # ---------------------------------------------------------------------------------------------- driver
 
 
+def trial_note(t: optuna.trial.FrozenTrial) -> str:
+    """What a trial's line says besides its numbers: why it trained nothing, how it failed, what was repaired."""
+    a = t.user_attrs
+    parts = []
+    if "duplicate_of" in a:
+        parts.append(f"duplicate of #{a['duplicate_of']}")
+    if "repaired_into" in a:
+        parts.append(f"repaired: {a.get('pattern_repaired', '?')} -> {a.get('repaired_pattern', '?')}, "
+                     f"trains as #{a['repaired_into']}")
+    elif "pattern_repaired" in a and "pattern" in a:
+        parts.append(f"repaired: {a['pattern_repaired']} -> {a['pattern']}")
+    if "infeasible" in a:
+        parts.insert(0, f"infeasible: {a['infeasible']}")
+    if "fail_reason" in a:
+        parts.insert(0, a["fail_reason"])
+    return "; ".join(parts)
+
+
 def _progress_callback(total: int, done: int, quiet: bool):
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=min(done, total), desc="trials", unit="trial", disable=quiet, dynamic_ncols=True)
+    untrained = [0]
 
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if "over_cap" in trial.user_attrs:
             return
-        bar.update(1)
+        if counts_toward_budget(trial):
+            bar.update(1)
+        elif bookkeeping(trial) is not None:
+            untrained[0] += 1
         best = best_trial(study)
-        if best is not None:
-            bar.set_postfix(best=f"{best.value:.4f}", best_trial=best.number)
-        val = "-" if trial.values is None else "/".join(f"{v:.4g}" for v in trial.values)
-        reason = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("infeasible", "")
-        dup = trial.user_attrs.get("duplicate_of")
-        note = f" (duplicate of #{dup})" if dup is not None else (f" ({reason})" if reason else "")
+        postfix = {"best": f"{best.value:.4f}", "best_trial": best.number} if best is not None else {}
+        bar.set_postfix(**postfix, **({"untrained": untrained[0]} if untrained[0] else {}))
         if quiet:
             return
-        bar.write(f"trial {trial.number:3d} {trial.state.name:8s} {val:>8s}  {trial.user_attrs.get('pattern', '?')}"
-                  f"  params={trial.user_attrs.get('params', '?')}{note}")
+        val = "-" if trial.values is None else "/".join(f"{v:.4g}" for v in trial.values)
+        dur = f"{trial.duration.total_seconds():.1f}s" if trial.duration is not None else "-"
+        note = trial_note(trial)
+        if bookkeeping(trial) is not None:
+            note += "; not counted"
+        pattern = trial.user_attrs.get("pattern") or trial.user_attrs.get("pattern_repaired", "?")
+        bar.write(f"trial {trial.number:3d} {trial.state.name:8s} {val:>8s} {dur:>7s}  {pattern}"
+                  f"  params={trial.user_attrs.get('params', '?')}" + (f" ({note})" if note else ""))
 
     return bar, callback
 
@@ -480,7 +563,12 @@ def run_search(space: SearchSpace, *, storage: str | None = None, study_name: st
                n_trials: int | None = None, timeout: float | None = None, quiet: bool = False,
                workers: int = 1, seed_offset: int = 0, objective_kwargs: dict[str, Any] | None = None,
                gc_after_trial: bool = True) -> optuna.Study:
-    """Run (or resume) the study until it holds ``n_trials`` finished trials. Returns the study.
+    """Run (or resume) the study until ``n_trials`` trials have trained (:func:`counts_toward_budget`).
+
+    Proposals that train nothing (infeasible, duplicate, repaired, invalid) do not count; one run stops after
+    :func:`proposal_cap` of them and says so. A run that ends short of the target says how many trained.
+    Torch's threads are set first (:func:`hybridnas.runtime.apply_torch_threads`: the usable cores shared by
+    the local workers, unless ``train.threads`` or ``OMP_NUM_THREADS`` says otherwise).
 
     ``objective_kwargs`` go to :class:`Objective` (``trainer``, ``make_run``, ``data``: a replay answers trials
     from a table through them; the rest of the loop is the search's own).
@@ -489,6 +577,8 @@ def run_search(space: SearchSpace, *, storage: str | None = None, study_name: st
     :func:`hybridnas.workers.run_workers` starts the processes. KeyboardInterrupt propagates after Optuna has
     marked the running trial FAIL: the study stays consistent and re-running the same command resumes it.
     """
+    from hybridnas.runtime import apply_torch_threads
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(space, storage, study_name, workers=workers, seed_offset=seed_offset)
     stored = study.user_attrs.get("space_yaml")
@@ -499,19 +589,52 @@ def run_search(space: SearchSpace, *, storage: str | None = None, study_name: st
     done = finished_count(study)
     if total - done <= 0:
         if not quiet:
-            print(f"study {study.study_name!r} already has {done} finished trials (target {total}); nothing to run")
+            print(f"study {study.study_name!r} already has {done} trained trials (target {total}); nothing to run")
         return study
+    threads = space.train.get("threads")
+    apply_torch_threads(threads if isinstance(threads, int) and not isinstance(threads, bool) else None)
     objective = Objective(space, study.study_name, total=total, quiet=quiet, **(objective_kwargs or {}))
     bar, callback = _progress_callback(total, done, quiet)
+    limit = proposal_cap(space, total)
+    trained: list[int] = []
+    skipped: dict[str, int] = {}
+    ended: dict[str, str] = {}
 
     def cap(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        kind = bookkeeping(trial)
+        if "over_cap" in trial.user_attrs:
+            ended["over_cap"] = "yes"  # other workers hold the remaining slots
+        elif kind is not None:
+            skipped[kind] = skipped.get(kind, 0) + 1
+        elif counts_toward_budget(trial):
+            trained.append(trial.number)
+        if kind is None and gc_after_trial:
+            gc.collect()  # after a training run only: a bookkeeping proposal leaves nothing big behind
         if finished_count(study) >= total:
             study.stop()
+        elif sum(skipped.values()) >= limit:
+            kinds = ", ".join(f"{n} {k}" for k, n in sorted(skipped.items()))
+            where = "search.max_proposals" if space.search.max_proposals else \
+                "max(50, 10 * n_trials); set search.max_proposals to change it"
+            ended["why"] = (f"stopped: {limit} proposals in this run trained nothing ({kinds}), the limit "
+                            f"({where})")
+            study.stop()
 
+    t0 = time.perf_counter()
     try:
         # n_trials is an upper bound only: `cap` stops the loop once the study (all workers) holds `total`
-        study.optimize(objective, n_trials=total * 4, timeout=timeout or space.search.timeout,
-                       callbacks=[callback, cap], gc_after_trial=gc_after_trial)
+        # trained trials, or this run has made `limit` proposals that trained nothing
+        study.optimize(objective, n_trials=(total - done) + limit + 1, timeout=timeout or space.search.timeout,
+                       callbacks=[callback, cap], gc_after_trial=False)
     finally:
         bar.close()
+    hours = (time.perf_counter() - t0) / 3600
+    if "why" in ended and not quiet:
+        print(ended["why"])
+    now = finished_count(study)
+    if now < total and "over_cap" not in ended and not quiet:
+        print(f"ended short of the target: trained {now} of {total} trials; run the same command again to go on")
+    if not quiet:
+        print(f"{len(trained)} trial(s) trained in {hours * 60:.1f} min: {len(trained) / max(hours, 1e-9):.1f} "
+              "trials/hour")
     return study

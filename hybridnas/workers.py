@@ -2,8 +2,9 @@
 
 Each worker is ``hybridnas search SPACE --storage URL --study NAME --worker-index i`` (so any other machine
 can join the same study by running the same command against a shared PostgreSQL URL). Workers get distinct
-sampler seeds (Optuna's advice for parallel TPE), one GPU each where there are GPUs, and a log file under
-``runs/<study>/workers/``. The trial cap is global: every worker stops once the study holds ``n_trials``.
+sampler seeds (Optuna's advice for parallel TPE), one GPU each where there are GPUs, their share of the cores
+(:func:`worker_env`; torch threads per :func:`hybridnas.runtime.torch_threads`) and a log file under
+``runs/<study>/workers/``. The trial cap is global: every worker stops once ``n_trials`` trials have trained.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from hybridnas.runtime import LOCAL_WORKERS_ENV
 from hybridnas.schema import SearchSpace
 from hybridnas.storage import RUNS_DIR
 
@@ -30,6 +32,16 @@ def worker_command(space_file: str, storage: str, study: str, n_trials: int, ind
     if seed is not None:
         cmd += ["--seed", str(seed)]
     return cmd
+
+
+def worker_env(index: int, n: int, gpus: int = 0, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of worker ``index`` of ``n`` local ones: how many share the cores (each takes its share of
+    torch threads, :func:`hybridnas.runtime.torch_threads`) and, where there are GPUs, which one it uses."""
+    env = dict(os.environ if base is None else base)
+    env[LOCAL_WORKERS_ENV] = str(n)
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+    return env
 
 
 def run_workers(space: SearchSpace, n: int, *, storage: str, study_name: str, n_trials: int,
@@ -46,15 +58,14 @@ def run_workers(space: SearchSpace, n: int, *, storage: str, study_name: str, n_
     procs: list[subprocess.Popen] = []
     logs = []
     for i in range(n):
-        env = dict(os.environ)
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        env = worker_env(i, n, gpus)
         log = open(log_dir / f"worker-{i}.log", "ab")
         logs.append(log)
         procs.append(subprocess.Popen(worker_command(space.source.file, storage, study_name, n_trials, i, timeout,
                                                      seed), stdout=log, stderr=subprocess.STDOUT, env=env))
     bar = tqdm(total=n_trials, desc=f"trials ({n} workers)", unit="trial", disable=quiet, dynamic_ncols=True)
     study = load_study(study_name, storage)  # the caller created it before starting the workers
+    t0, before = time.perf_counter(), finished_count(study)
     try:
         while any(p.poll() is None for p in procs):
             time.sleep(2)
@@ -74,4 +85,11 @@ def run_workers(space: SearchSpace, n: int, *, storage: str, study_name: str, n_
     failed = sum(p.returncode != 0 for p in procs)
     if failed and not quiet:
         print(f"{failed} worker(s) exited with an error; see {log_dir}/")
+    trained, hours = finished_count(study), (time.perf_counter() - t0) / 3600
+    if trained < n_trials:
+        print(f"ended short of the target: trained {trained} of {n_trials} trials (why: {log_dir}/); "
+              "run the same command again to go on")
+    if not quiet:
+        print(f"{trained - before} trial(s) trained in {hours * 60:.1f} min by {n} workers: "
+              f"{(trained - before) / max(hours, 1e-9):.1f} trials/hour")
     return failed

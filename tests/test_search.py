@@ -72,12 +72,16 @@ def test_search_records_trials_and_resumes(runs):
 
 def test_duplicate_configuration_is_not_retrained(runs):
     text = SPACE.replace('["AA", "A-", "(AE)x1"]', '"AA"').replace("[16, 32]", "16").replace("[1, 2]", "2") \
-        .replace("{low: 1.0e-3, high: 1.0e-2, log: true}", "3.0e-3").replace("n_trials: 4", "n_trials: 2")
+        .replace("{low: 1.0e-3, high: 1.0e-2, log: true}", "3.0e-3") \
+        .replace("n_trials: 4", "n_trials: 2\n  max_proposals: 3")
     space = load_space(str(write_space(runs / "dup.yaml", text.replace("name: tiny", "name: dup"))))
     study = search.run_search(space, quiet=True)
-    first, second = study.trials
-    assert second.user_attrs["duplicate_of"] == first.number
-    assert second.value == first.value
+    # a one-configuration space trains once; its duplicates do not count, and the run stops at max_proposals
+    first, *dups = study.trials
+    assert len(dups) == 3 and search.finished_count(study) == 1
+    for second in dups:
+        assert second.user_attrs["duplicate_of"] == first.number
+        assert second.value == first.value
 
 
 def test_failures_are_recorded_and_the_search_goes_on(runs, monkeypatch):
@@ -130,7 +134,8 @@ def test_interrupted_trial_is_marked_failed_and_search_resumes(runs, monkeypatch
     monkeypatch.setattr(train_mod, "train", real)
     study = search.run_search(space, quiet=True)
     assert search.finished_count(study) == 4
-    assert len(study.trials) == 5
+    # 4 trained + the interrupted one + any duplicate proposals, which do not count
+    assert len(study.trials) == 5 + sum(search.bookkeeping(t) is not None for t in study.trials)
 
 
 def test_export_rebuilds_the_same_model(runs):
@@ -213,8 +218,9 @@ def test_seeded_search_is_reproducible(runs):
 def test_aliases_are_canonicalized_so_equal_architectures_are_not_retrained(runs):
     text = SPACE.replace('["AA", "A-", "(AE)x1"]', '["A-", "AF", "(AF)x1"]').replace("[16, 32]", "16") \
         .replace("[1, 2]", "2").replace("{low: 1.0e-3, high: 1.0e-2, log: true}", "3.0e-3") \
-        .replace("n_trials: 4", "n_trials: 4\n  sampler: random")
+        .replace("n_trials: 4", "n_trials: 4\n  sampler: random\n  max_proposals: 3")
     study = search.run_search(load_space(text=text.replace("name: tiny", "name: canon"), file="c.yaml"), quiet=True)
     first = study.trials[0]
+    assert len(study.trials) == 4  # one trained, three duplicates (the max_proposals of this run)
     assert {t.user_attrs["canonical"] for t in study.trials} == {"AF"}
     assert all(t.user_attrs.get("duplicate_of") == first.number for t in study.trials[1:])

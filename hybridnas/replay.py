@@ -15,9 +15,11 @@ within the band of the best. Compute is the replayed cost over the wall time of 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import hashlib
+import io
 import json
 import math
 import statistics
@@ -240,9 +242,10 @@ def replay_once(space: SearchSpace, rows: list[TableRow], truth: GroundTruth, se
     sp = copy.copy(space)
     sp.search = replace(space.search, seed=seed, save_weights=False, storage=None)
     answers = TableAnswers(rows, budget, seed)
-    study = search.run_search(sp, storage=":memory:", study_name=f"replay-{seed}", quiet=True,
-                              objective_kwargs={"trainer": answers.trainer, "make_run": answers.make_run,
-                                                "data": object()}, gc_after_trial=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # a replay's search speaks through its summary only
+        study = search.run_search(sp, storage=":memory:", study_name=f"replay-{seed}", quiet=True,
+                                  objective_kwargs={"trainer": answers.trainer, "make_run": answers.make_run,
+                                                    "data": object()}, gc_after_trial=False)
     best = search.best_trial(study)
     key = best.user_attrs.get("arch_key") if best is not None else None
     trained = sum(1 for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,

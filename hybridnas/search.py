@@ -629,10 +629,10 @@ def run_search(space: SearchSpace, *, storage: str | None = None, study_name: st
     finally:
         bar.close()
     hours = (time.perf_counter() - t0) / 3600
-    if "why" in ended and not quiet:
+    if "why" in ended:
         print(ended["why"])
     now = finished_count(study)
-    if now < total and "over_cap" not in ended and not quiet:
+    if now < total and "over_cap" not in ended:
         print(f"ended short of the target: trained {now} of {total} trials; run the same command again to go on")
     if not quiet:
         print(f"{len(trained)} trial(s) trained in {hours * 60:.1f} min: {len(trained) / max(hours, 1e-9):.1f} "

@@ -59,12 +59,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
                     searched += [f"{sym}.{pk}" for pk, pv in params.items() if isinstance(pv, (list, Range))]
             elif isinstance(v, (list, Range)):
                 searched.append(k)
-        searched += [k for k, v in space.train.items() if isinstance(v, (list, Range))]
+        searched += [k for k, v in space.train.items() if isinstance(v, (list, Range))
+                     and not (k == "lr" and space.search.lr_mode != "sample")]
         print(f"{path}: OK")
         print(f"  study {space.search.study_name or space.name!r}, task {space.task.name}, "
               f"{len(space.patterns())} pattern(s), objective {space.search.objective}, "
               f"sampler {space.search.sampler}, pruner {space.search.pruner}, {space.search.n_trials} trials")
         print(f"  searched: {', '.join(searched) or '(nothing: a single configuration)'}")
+        if space.search.lr_mode != "sample":
+            from hybridnas.ladder import ladder_from
+
+            rates = ladder_from(space.train.get("lr", 1e-3), space.search.lr_ladder)
+            print(f"  learning rate: {space.search.lr_mode} over {', '.join(f'{r:g}' for r in rates)} inside each "
+                  "trial")
     return 0
 
 

@@ -526,6 +526,8 @@ def trial_note(t: optuna.trial.FrozenTrial) -> str:
         parts.insert(0, f"infeasible: {a['infeasible']}")
     if "fail_reason" in a:
         parts.insert(0, a["fail_reason"])
+    if "lr" in a and "duplicate_of" not in a:
+        parts.append(f"lr {a['lr']:g}")  # the ladder's winning rate
     return "; ".join(parts)
 
 

@@ -271,3 +271,13 @@ def test_replay_charges_a_pruned_trial_only_up_to_its_prune_step(runs):
     assert all(c.cost < f.cost for c, f in zip(cut.results, full.results))
     # halving: three rates to the rung (step 30: 3 evaluations of 1 s each), then one rate alone (7 more)
     assert all(math.isclose(r.cost, r.trained * (3 * 3 + 7)) for r in full.results)
+
+
+def test_sweep_workers_share_one_study(runs):
+    path = write(runs / "fid.yaml", SPACE.replace('["AA", "A-"]', '["AA"]'))
+    assert main(["sweep", path, "--n-lrs", "2", "--seeds", "2", "--workers", "2", "--out", "w.csv", "--quiet"]) == 0
+    with open("w.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 2 and len({r["run_key"] for r in rows}) == 8  # every run once, none repeated
+    logs = sorted((runs / "runs" / "fid-sweep").glob("sweep-worker-*.log"))
+    assert len(logs) == 2 and all("runs finished" in p.read_text() for p in logs)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The quickstart's ground truth and the replayed comparison of search strategies (2-core CPU; about two hours
+# for the sweep, seconds for the replays). Every step resumes: re-running the sweep picks up where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+dir=experiments/search_fidelity
+
+# 1. the sweep: 20 architectures x lrs {1e-3, 3.16e-3, 1e-2} x seeds {0, 1} at 600 steps (1x), then 6000 steps
+#    (10x) at each architecture's best lr, both seeds; two workers, one core each, on one journal study
+hybridnas sweep search_spaces/quickstart.yaml --budgets 1,10 --seeds 2 --n-lrs 3 --workers 2 \
+  --storage "$dir/quickstart-sweep.journal" --study quickstart-sweep --out "$dir/quickstart_table.csv"
+
+# 2. the table: spread, noise, Spearman of the 1x ranking against the 10x one
+python "$dir/analyze.py" "$dir/quickstart_table.csv" | tee "$dir/analyze_output.txt"
+
+# 3. replayed searches, 20 seeds per strategy: samplers x learning-rate handling x pruners
+hybridnas replay search_spaces/quickstart.yaml --table "$dir/quickstart_table.csv" --seeds 20 \
+  --compare "lr_mode=sample,halving,ladder;sampler=tpe,random;pruner=hyperband,median,none;prune_after=0,0.5" \
+  --out "$dir/replay" | tee "$dir/replay_output.txt"
+
+# 4. the default quickstart search, replayed (the issue's target line) and run for real on idle cores
+hybridnas replay search_spaces/quickstart.yaml --table "$dir/quickstart_table.csv" --seeds 20 \
+  | tee "$dir/replay_default.txt"

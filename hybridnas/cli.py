@@ -108,7 +108,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 0
     top_k = args.confirm_top if args.confirm_top is not None else s.confirm_top
     confirmed_best = None
-    if top_k:
+    if top_k and len(study.directions) == 1:  # a Pareto front is exported whole: nothing to confirm
         from hybridnas.confirm import run_confirmation
 
         summary = run_confirmation(study, top_k, args.confirm_seeds or s.confirm_seeds,
@@ -348,6 +348,10 @@ def _overrides(text: str) -> list[dict[str, str]]:
     return [dict(c) for c in itertools.product(*axes)] if axes else [{}]
 
 
+def _bands(gap: float, band: float) -> str:
+    return f"{gap / band:.1f}" if band > 0 else "inf"
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -363,9 +367,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     truth = ground_truth(rows, args.budget, space.directions()[0] == "maximize")
     best = truth.best
     print(f"table {args.table}: {len(truth.archs)} architectures at budget {args.budget:g}x; best {best.pattern} "
-          f"{best.params} {best.score:.4f} at lr {best.lr:g}; median {truth.median_score():.4f}; noise band "
-          f"{truth.band:.4f} (pooled seed std {truth.sigma:.4f}); best - median = "
-          f"{(best.score - truth.median_score()) / truth.band if truth.band else math.inf:.1f} bands")
+          f"{best.params} {best.score:.4f} at lr {best.lr:g} (its noise band {truth.band:.4f}); median "
+          f"{truth.median_score():.4f}; pooled seed std {truth.sigma:.4f} (band {truth.pooled_band:.4f}); "
+          f"best - median = {_bands(best.score - truth.median_score(), truth.band)} of the best's bands, "
+          f"{_bands(best.score - truth.median_score(), truth.pooled_band)} pooled bands")
     summaries = []
     for combo in combos:
         settings = check_search_overrides(space.search, combo)
@@ -400,9 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar or per-trial lines")
     s.add_argument("--workers", type=int, help="local worker processes on this study (default: search.workers)")
     s.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
-    s.add_argument("--confirm-top", type=int, metavar="K", help="re-train the K best with more seeds and steps")
-    s.add_argument("--confirm-seeds", type=int, metavar="S", help="seeds per confirmed trial (default 3)")
-    s.add_argument("--confirm-budget", type=float, metavar="X", help="steps multiplier for confirmation (default 4)")
+    s.add_argument("--confirm-top", type=int, metavar="K",
+                   help="re-train the K best on new seeds (default: search.confirm_top, 3; 0 skips)")
+    s.add_argument("--confirm-seeds", type=int, metavar="S",
+                   help="new seeds per confirmed trial (default: search.confirm_seeds, 1)")
+    s.add_argument("--confirm-budget", type=float, metavar="X",
+                   help="steps multiplier for confirmation (default: search.confirm_budget, 1)")
     s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("show", help="print a table of a study's trials")

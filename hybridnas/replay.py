@@ -7,10 +7,11 @@ rate's nearest rung) and a seed drawn per trial (the table's seeds are the evalu
 curve is reported evaluation by evaluation, so the pruner acts as it would live, and its recorded wall time is
 the trial's cost, cut where the pruner stopped it.
 
-Ground truth (:class:`GroundTruth`): an architecture's score is its best learning rate's mean over seeds; the noise
-band is two standard errors of such a mean, ``2 * sigma / sqrt(seeds)``, with sigma the seed standard deviation
-pooled over every architecture at its best rate. A replayed search *hits* when the architecture it exports scores
-within the band of the best. Compute is the replayed cost over the wall time of the whole first-budget sweep.
+Ground truth (:class:`GroundTruth`): an architecture's score is its best learning rate's mean over seeds, and its
+noise band is two standard errors of that mean (``2 * std / sqrt(seeds)``, the seeds' std at that rate). A
+replayed search *hits* when the architecture it exports scores within the best architecture's band of the best
+score. The seed std pooled over all architectures is reported beside it.
+Compute is the replayed cost over the wall time of the whole first-budget sweep.
 """
 
 from __future__ import annotations
@@ -81,18 +82,28 @@ class ArchTruth:
     n_seeds: int
     by_lr: dict[float, float] = field(default_factory=dict)  # mean over seeds per lr
 
+    @property
+    def band(self) -> float:
+        """Its noise band: two standard errors of its mean over seeds."""
+        return 2 * self.std / math.sqrt(self.n_seeds)
+
 
 @dataclass
 class GroundTruth:
     archs: dict[str, ArchTruth]
-    band: float  # two standard errors of an architecture's mean
-    sigma: float  # pooled seed standard deviation
+    sigma: float  # seed standard deviation pooled over every architecture at its best lr
+    pooled_band: float  # two standard errors of a mean over seeds at the pooled sigma
     maximize: bool = True
 
     @property
     def best(self) -> ArchTruth:
         pick = max if self.maximize else min
         return pick(self.archs.values(), key=lambda a: a.score)
+
+    @property
+    def band(self) -> float:
+        """The best architecture's noise band: a hit scores within it."""
+        return self.best.band
 
     def regret(self, key: str) -> float:
         a = self.archs[key].score
@@ -129,7 +140,7 @@ def ground_truth(rows: list[TableRow], budget: float = 1.0, maximize: bool = Tru
     multi = [a for a in archs.values() if a.n_seeds > 1 and math.isfinite(a.score)]
     sigma = math.sqrt(statistics.fmean(a.std ** 2 for a in multi)) if multi else 0.0
     n = statistics.median(a.n_seeds for a in archs.values())
-    return GroundTruth(archs, 2 * sigma / math.sqrt(n), sigma, maximize)
+    return GroundTruth(archs, sigma, 2 * sigma / math.sqrt(n), maximize)
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -194,14 +205,21 @@ class TableAnswers:
         self.replay_seed = replay_seed
         self.cost = [0.0]
 
+    def seed_for(self, key: str) -> int:
+        """The table seed that answers architecture ``key`` in this replay."""
+        draw = int(hashlib.sha256(f"{self.replay_seed}|{key}".encode()).hexdigest()[:8], 16)
+        return self.seeds[draw % len(self.seeds)]
+
+    def nearest_lr(self, key: str, lr: float) -> float:
+        return min(self.lrs[key], key=lambda v: abs(math.log(v) - math.log(lr)))
+
     def row(self, arch: ArchConfig) -> TableRow:
         key = arch_key(arch.model)
         if key not in self.lrs:
             raise KeyError(f"architecture {arch.model.pattern!r} (key {key}) is not in the table: was the table swept "
                            "from this space?")
-        lr = min(self.lrs[key], key=lambda v: abs(math.log(v) - math.log(arch.train.lr)))
-        draw = int(hashlib.sha256(f"{self.replay_seed}|{key}".encode()).hexdigest()[:8], 16)
-        seed = self.seeds[draw % len(self.seeds)]
+        lr = self.nearest_lr(key, arch.train.lr)
+        seed = self.seed_for(key)
         row = self.index.get((key, lr, seed))
         if row is None:
             raise KeyError(f"no run of {arch.model.pattern!r} at lr {lr:g}, seed {seed} in the table")
@@ -248,6 +266,8 @@ def replay_once(space: SearchSpace, rows: list[TableRow], truth: GroundTruth, se
                                                     "data": object()}, gc_after_trial=False)
     best = search.best_trial(study)
     key = best.user_attrs.get("arch_key") if best is not None else None
+    if sp.search.confirm_top and best is not None:
+        key = _confirm(study, sp, rows, answers) or key
     trained = sum(1 for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
                                                           optuna.trial.TrialState.PRUNED)
                   and "duplicate_of" not in t.user_attrs and "infeasible" not in t.user_attrs
@@ -257,6 +277,35 @@ def replay_once(space: SearchSpace, rows: list[TableRow], truth: GroundTruth, se
         return ReplayResult(seed, key, None, answers.cost[0], trained, worst, False)
     return ReplayResult(seed, key, truth.archs[key].pattern, answers.cost[0], trained, truth.regret(key),
                         truth.hit(key))
+
+
+def _confirm(study: Any, space: SearchSpace, rows: list[TableRow], answers: TableAnswers) -> str | None:
+    """What ``--confirm-top K`` would export, answered from the table: the K best distinct trials each re-run at
+    their (winning) lr on ``confirm_seeds`` seeds other than the one that answered them, at ``confirm_budget``;
+    the best mean of those new runs wins (as :func:`hybridnas.confirm.confirmed` ranks). Their wall time is
+    charged. With a small table the other seeds are the ones the ground truth also averages: an optimistic
+    reading of confirmation, as on any tabular benchmark with few seeds."""
+    from hybridnas.confirm import top_trials
+
+    s = space.search
+    index = {(r.arch_key, r.lr, r.seed, r.budget): r for r in rows}
+    sign = 1.0 if space.directions()[0] == "maximize" else -1.0
+    scored = []
+    for t in top_trials(study, s.confirm_top):
+        key = t.user_attrs["arch_key"]
+        lr = answers.nearest_lr(key, float(t.user_attrs["arch"]["train"]["lr"]))
+        others = [x for x in answers.seeds if x != answers.seed_for(key)][:s.confirm_seeds]
+        vals = []
+        for seed in others:
+            row = index.get((key, lr, seed, s.confirm_budget))
+            if row is None:
+                raise KeyError(f"confirmation needs a run of {t.user_attrs.get('pattern')} at lr {lr:g}, seed {seed}, "
+                               f"budget {s.confirm_budget:g} and the table has none")
+            answers.cost[0] += row.wall_seconds
+            vals.append(row.score)
+        if vals:
+            scored.append((sign * statistics.fmean(vals), -t.number, key))
+    return max(scored)[2] if scored else None
 
 
 @dataclass

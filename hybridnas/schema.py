@@ -172,12 +172,13 @@ class SearchSettings:
     # seconds; a worker silent for grace_period has its trial failed and retried
     heartbeat_interval: Annotated[int, Ge(1)] = 30
     grace_period: Annotated[int, Ge(1)] = 120
-    # re-train the top K with confirm_seeds seeds and confirm_budget x the steps
-    confirm_top: Annotated[int, NonNegative] = 0
-    confirm_seeds: Annotated[int, Ge(1)] = 3
-    confirm_budget: Annotated[float, Positive] = 4.0
+    # re-train the top K with confirm_seeds new seeds and confirm_budget x the steps; the best confirmed mean is
+    # exported (defaults: replay on the quickstart's table, README "Search fidelity")
+    confirm_top: Annotated[int, NonNegative] = 3
+    confirm_seeds: Annotated[int, Ge(1)] = 1
+    confirm_budget: Annotated[float, Positive] = 1.0
     sampler: Literal["tpe", "random", "gp", "nsga2", "cmaes", "qmc"] = "tpe"
-    pruner: Literal["hyperband", "median", "sha", "none"] = "hyperband"
+    pruner: Literal["hyperband", "median", "sha", "none"] = "median"
     n_startup_trials: Annotated[int, NonNegative] = 5  # TPE's random start
     seed: int | None = 0
     study_name: str | None = None  # default: the space's name
@@ -186,11 +187,11 @@ class SearchSettings:
     # the learning rate (hybridnas.ladder): sample = one more searched parameter; ladder = every trial trains
     # lr_ladder rates over train.lr and keeps the best; halving = the rates train to lr_rung of the steps and the
     # lowest validation loss there continues alone
-    lr_mode: Literal["sample", "ladder", "halving"] = "sample"
+    lr_mode: Literal["sample", "ladder", "halving"] = "halving"
     lr_ladder: Annotated[int, Ge(1)] = 3
     lr_rung: Annotated[float, Interval(gt=0, lt=1)] = 0.25
     # no trial is pruned before this fraction of its steps (recall tasks sit on a plateau, then jump)
-    prune_after: Annotated[float, Interval(ge=0, lt=1)] = 0.0
+    prune_after: Annotated[float, Interval(ge=0, lt=1)] = 0.5
 
 
 @dataclass

@@ -64,8 +64,10 @@ def test_validate_good_space(tmp_path, capsys):
     assert err == ""
     assert f"{path}: OK" in out
     assert "study 'cli_demo'" in out and "3 pattern(s)" in out and "3 trials" in out
-    for searched in ("d_model", "pattern", "A.n_heads", "E.n_experts", "lr"):
+    for searched in ("d_model", "pattern", "A.n_heads", "E.n_experts"):
         assert searched in out
+    # the learning rate is a ladder inside each trial (the default lr_mode), not a searched parameter
+    assert "learning rate: halving over 0.001, 0.00316228, 0.01 inside each trial" in out
 
 
 def test_validate_bad_space_exits_2_with_file_line_and_path(tmp_path, capsys):

@@ -106,7 +106,8 @@ def test_valid_space_loads_with_typed_values():
     assert type(bs.low) is int and type(bs.high) is int  # an int field keeps an int range
     assert space.train["steps"] == 20 and type(space.train["steps"]) is int
 
-    assert space.search.sampler == "tpe" and space.search.pruner == "hyperband"
+    assert space.search.sampler == "tpe" and space.search.pruner == "median"  # the defaults replay chose
+    assert space.search.lr_mode == "halving" and space.search.prune_after == 0.5 and space.search.confirm_top == 3
     assert space.export.dir is None
     assert space.symbols == {}
 

@@ -34,6 +34,9 @@ search:
   n_trials: 4
   seed: 0
   n_startup_trials: 2
+  lr_mode: sample  # these tests exercise the loop's bookkeeping with the lr as one more searched parameter
+  pruner: hyperband
+  prune_after: 0
 """
 
 
@@ -198,7 +201,7 @@ def test_cli_search_show_export(runs, capsys):
 
 def test_samplers_and_pruners_are_selectable(runs):
     for sampler, pruner in (("random", "median"), ("tpe", "none"), ("qmc", "sha")):
-        text = SPACE.replace("name: tiny", f"name: s_{sampler}").replace(
+        text = SPACE.replace("name: tiny", f"name: s_{sampler}").replace("  pruner: hyperband\n", "").replace(
             "search:\n", f"search:\n  sampler: {sampler}\n  pruner: {pruner}\n").replace("n_trials: 4", "n_trials: 2")
         space = load_space(text=text, file="s.yaml")
         study = search.run_search(space, quiet=True)

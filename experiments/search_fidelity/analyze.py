@@ -10,11 +10,16 @@ have both, with a bootstrap interval over seeds.
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import sys
 
 from hybridnas.replay import ground_truth, load_table, spearman
+
+
+def bands(gap: float, band: float) -> str:
+    return f"{gap / band:.1f}" if band > 0 else "inf"
 
 
 def main(path: str) -> None:
@@ -35,9 +40,15 @@ def main(path: str) -> None:
             line += f" {t.score:10.4f} {t.std:8.4f}" if t else f" {'-':>10s} {'-':>8s}"
         print(line)
     med = first.median_score()
-    print(f"best {first.best.pattern} {first.best.score:.4f}, median {med:.4f}, noise band (2 SE) {first.band:.4f}, "
-          f"pooled seed std {first.sigma:.4f}: best - median = "
-          + (f"{(first.best.score - med) / first.band:.1f} bands" if first.band else "(no seed noise yet)"))
+    b = first.best
+    print(f"best {b.pattern} {b.params} {b.score:.4f} (seed std {b.std:.4f}, band 2 SE {b.band:.4f}); median "
+          f"{med:.4f}; best - median = {bands(b.score - med, b.band)} of the best's bands")
+    print(f"pooled seed std over architectures {first.sigma:.4f} (band 2 SE {first.pooled_band:.4f}): best - median "
+          f"= {bands(b.score - med, first.pooled_band)} pooled bands")
+    mid = sorted(first.archs.values(), key=lambda a: a.score)[len(first.archs) // 2]
+    gap_se = math.sqrt((b.std ** 2 / b.n_seeds) + (mid.std ** 2 / mid.n_seeds))
+    print(f"best vs the median architecture ({mid.pattern} {mid.params} {mid.score:.4f}, std {mid.std:.4f}): "
+          f"gap {b.score - mid.score:.4f} = {bands(b.score - mid.score, 2 * gap_se)} x 2 SE of the difference")
     # seed-to-seed ceiling at the first budget: rank by seed 0 against rank by seed 1, each at the arch's best lr
     seeds = sorted({r.seed for r in rows})
     by = {}

@@ -345,6 +345,13 @@ def ladder_of(space: SearchSpace) -> list[float]:
     return ladder_from(space.train.get("lr", TrainConfig.lr), space.search.lr_ladder)
 
 
+def _beats(o: Summary, s: Summary, metric: str, higher_is_better: bool) -> bool:
+    """``o`` is at least as good as ``s`` on the metric at no more compute, and strictly better on one."""
+    m, y = getattr(o, metric), getattr(s, metric)
+    at_least = m >= y if higher_is_better else m <= y
+    return o.compute <= s.compute and at_least and (o.compute < s.compute or m != y)
+
+
 def write_comparison(summaries: list[Summary], out: str) -> None:
     """``out.json`` (every strategy's figures and per-seed results) and ``out.png``: hit rate and median regret
     against the median compute, one point per strategy."""
@@ -363,15 +370,33 @@ def write_comparison(summaries: list[Summary], out: str) -> None:
                        "trained": r.trained, "regret": r.regret, "hit": r.hit} for r in s.results]}
             for s in summaries]
     atomic_write_text(f"{out}.json", json.dumps(data, indent=1) + "\n")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    for ax, metric, name in ((axes[0], "hit_rate", "hit rate"), (axes[1], "regret", "median regret")):
-        for s in summaries:
-            ax.scatter(s.compute, getattr(s, metric))
-            ax.annotate(s.label, (s.compute, getattr(s, metric)), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    parsed = [dict(part.split("=", 1) for part in s.label.split(", ") if "=" in part) for s in summaries]
+    first_key = next(iter(parsed[0]), None) if parsed and parsed[0] else None
+    groups = sorted({p.get(first_key, "") for p in parsed}) if first_key else [""]
+    colors = {g: f"C{i}" for i, g in enumerate(groups)}
+
+    def short(p: dict[str, str]) -> str:
+        return "/".join(p.values()) or "as the space says"
+
+    for ax, metric, name, better in ((axes[0], "hit_rate", "hit rate", max), (axes[1], "regret", "median regret", min)):
+        for g in groups:
+            pts = [(s.compute, getattr(s, metric)) for s, p in zip(summaries, parsed) if p.get(first_key, "") == g]
+            ax.scatter([x for x, _ in pts], [y for _, y in pts], color=colors[g], alpha=0.7,
+                       label=f"{first_key}={g}" if first_key else None)
+        # label the strategies no other beats on both axes (and the first one, the reference)
+        for i, (s, p) in enumerate(zip(summaries, parsed)):
+            y = getattr(s, metric)
+            dominated = any(_beats(o, s, metric, better is max) for o in summaries if o is not s)
+            if i == 0 or not dominated:
+                ax.annotate(short(p), (s.compute, y), fontsize=6, xytext=(4, 2), textcoords="offset points")
         ax.set_xlabel("median compute (fraction of the sweep's first-budget wall time)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    axes[0].set_title(f"replayed searches ({len(summaries[0].results)} seeds each)")
+        if first_key:
+            ax.legend(fontsize=7, loc="best")
+    keys = "/".join(parsed[0]) if parsed and parsed[0] else ""
+    axes[0].set_title(f"replayed searches, {len(summaries[0].results)} seeds each; labels: {keys}", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)

@@ -82,9 +82,10 @@ def _better(a: dict[str, float], b: dict[str, float], target: float | None) -> b
 
 def run_ladder(make_run: Callable[[float], Run], lrs: list[float], *, mode: str, rung: int,
                target: float | None, on_eval: Callable[[int, dict[str, float]], None] | None,
-               score: Callable[[Any], float]) -> LadderOutcome:
+               score: Callable[[Any], float], by_loss: bool = False) -> LadderOutcome:
     """Train ``lrs`` in lock-step and pick one. ``score(result)`` ranks finished runs in ``ladder`` mode (higher
-    is better). ``on_eval(step, ev)`` gets the envelope; it may raise (pruning): every run is closed on the way out.
+    is better). ``on_eval(step, ev)`` gets the envelope (the best accuracy at each step, or the lowest loss with
+    ``by_loss``, for a loss objective); it may raise (pruning): every run is closed on the way out.
     """
     if mode not in ("ladder", "halving"):
         raise ValueError(f"lr mode must be ladder or halving here, got {mode!r}")
@@ -103,7 +104,8 @@ def run_ladder(make_run: Callable[[float], Run], lrs: list[float], *, mode: str,
             if not evs:
                 break
             step = max(int(ev["step"]) for ev in evs.values())
-            best = max(evs.values(), key=lambda e: (e["accuracy"], -e["loss"]))
+            best = (min(evs.values(), key=lambda e: e["loss"]) if by_loss else
+                    max(evs.values(), key=lambda e: (e["accuracy"], -e["loss"])))
             if on_eval is not None:
                 on_eval(step, best)
             if mode == "halving" and step >= rung:

@@ -228,7 +228,8 @@ def ladder_trainer(space: SearchSpace, base: Callable[..., Any], make_run: Calla
             return train_mod.TrainRun(with_lr(lr), data, log_dir=logs, hparams=hparams)
 
         outcome = run_ladder(run_for, lrs, mode=s.lr_mode, rung=rung_step(arch.train, s.lr_rung),
-                             target=arch.train.target_accuracy, on_eval=on_eval, score=score)
+                             target=arch.train.target_accuracy, on_eval=on_eval, score=score,
+                             by_loss=objective == "loss")
         result = outcome.result
         result.attrs.update({"lr": outcome.lr, "lr_rungs": {f"{lr:g}": {k: ev[k] for k in ("step", "loss", "accuracy")}
                                                             for lr, ev in outcome.rungs.items()}})

@@ -281,3 +281,10 @@ def test_sweep_workers_share_one_study(runs):
     assert len(rows) == 2 * 2 * 2 and len({r["run_key"] for r in rows}) == 8  # every run once, none repeated
     logs = sorted((runs / "runs" / "fid-sweep").glob("sweep-worker-*.log"))
     assert len(logs) == 2 and all("runs finished" in p.read_text() for p in logs)
+
+
+def test_the_envelope_follows_a_loss_objective():
+    seen = []
+    run_ladder(lambda lr: FakeRun(lr, CURVES[lr]), [1, 2, 3], mode="ladder", rung=4, target=None,
+               on_eval=lambda s, ev: seen.append(ev["loss"]), score=lambda r: 0.0, by_loss=True)
+    assert seen == [3.0, 2.0, 1.0, 0.5]  # the lowest loss among the rates at each step

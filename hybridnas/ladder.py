@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from hybridnas.schema import Range, TrainConfig
+from hybridnas import train as train_mod
+from hybridnas.schema import ArchConfig, Range, SearchSpace, TrainConfig
 
 MODES = ("sample", "ladder", "halving")
 
@@ -136,3 +137,49 @@ def run_ladder(make_run: Callable[[float], Run], lrs: list[float], *, mode: str,
 
 def _finite(v: float) -> float:
     return v if isinstance(v, (int, float)) and math.isfinite(v) else -math.inf
+
+
+def ladder_trainer(space: SearchSpace, base: Callable[..., Any], make_run: Callable[..., Any] | None = None):
+    """A trainer with ``base``'s signature that applies ``search.lr_mode`` (ladder or halving) inside the trial.
+
+    ``make_run(arch, data, log_dir)`` makes one run advanced evaluation by evaluation (default: a real
+    :class:`hybridnas.train.TrainRun`); a task whose trainer is not the plain one (a suite) trains each rate to the
+    end one after the other, with no intermediate reports, and keeps the best. The result carries the winning rate
+    in ``attrs`` (``lr``, ``lr_rungs``)."""
+    s = space.search
+    lrs = ladder_from(space.train.get("lr", TrainConfig.lr), s.lr_ladder)
+    objective = space.objective_names()[0]
+    sign = 1.0 if space.directions()[0] == "maximize" else -1.0
+
+    def score(result: Any) -> float:
+        return sign * float(result.metrics.get(objective, math.nan))
+
+    def trainer(arch: ArchConfig, data: Any, *, on_eval=None, log_dir=None, hparams=None, model=None):
+        def with_lr(lr: float) -> ArchConfig:
+            return replace(arch, train=replace(arch.train, lr=lr))
+
+        plain = make_run is not None or base is train_mod.train
+        if not plain or len(lrs) == 1:
+            results = {lr: base(with_lr(lr), data, on_eval=on_eval if len(lrs) == 1 else None,
+                                log_dir=None if log_dir is None else f"{log_dir}/lr-{lr:g}", hparams=hparams)
+                       for lr in lrs}
+            lr = max(lrs, key=lambda v: (results[v].metrics["stop_reason"] != "nan", _finite(score(results[v]))))
+            out = results[lr]
+            out.attrs.update({"lr": lr, "lr_scores": {f"{v:g}": results[v].metrics.get(objective) for v in lrs}})
+            return out
+
+        def run_for(lr: float):
+            logs = None if log_dir is None else f"{log_dir}/lr-{lr:g}"
+            if make_run is not None:
+                return make_run(with_lr(lr), data, logs)
+            return train_mod.TrainRun(with_lr(lr), data, log_dir=logs, hparams=hparams)
+
+        outcome = run_ladder(run_for, lrs, mode=s.lr_mode, rung=rung_step(arch.train, s.lr_rung),
+                             target=arch.train.target_accuracy, on_eval=on_eval, score=score,
+                             by_loss=objective == "loss")
+        result = outcome.result
+        result.attrs.update({"lr": outcome.lr, "lr_rungs": {f"{lr:g}": {k: ev[k] for k in ("step", "loss", "accuracy")}
+                                                            for lr, ev in outcome.rungs.items()}})
+        return result
+
+    return trainer

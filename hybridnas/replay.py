@@ -47,6 +47,7 @@ class TableRow:
     stop_reason: str
     curve: list[tuple[int, float, float, float]]  # (step, loss, accuracy, wall seconds since the run began)
     n_params: int | None = None
+    steps: int = 0  # the run's step budget (an early-stopped curve ends before it)
 
 
 def _num(text: str) -> float:
@@ -65,7 +66,8 @@ def load_table(path: str) -> list[TableRow]:
             rows.append(TableRow(r["arch_key"], r["pattern"], json.loads(r["arch_params"]), float(r["lr"]),
                                  int(float(r["seed"])), float(r["budget"]), _num(r["score"]),
                                  _num(r["wall_seconds"]), r["stop_reason"], curve,
-                                 int(float(r["n_params"])) if r.get("n_params") else None))
+                                 int(float(r["n_params"])) if r.get("n_params") else None,
+                                 int(float(r["steps"])) if r.get("steps") else 0))
     if not rows:
         raise ValueError(f"{path}: the table has no runs")
     return rows

@@ -146,9 +146,11 @@ def ground_truth(rows: list[TableRow], budget: float = 1.0, maximize: bool = Tru
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
-    from scipy.stats import spearmanr
+    """:func:`hybridnas.confirm.spearman`, with nan where it has no answer (fewer than two distinct values)."""
+    from hybridnas.confirm import spearman as rank_correlation
 
-    return float(spearmanr(xs, ys).statistic)
+    rho = rank_correlation(xs, ys)
+    return math.nan if rho is None else rho
 
 
 # ---------------------------------------------------------------------------------------------- answering trials

@@ -34,6 +34,7 @@ import optuna
 from optuna.exceptions import ExperimentalWarning
 
 from hybridnas import patterns
+from hybridnas.ladder import ladder_from
 from hybridnas.schema import ArchConfig, ModelConfig, Range, SearchSpace, TrainConfig, arch_key, value_options
 from hybridnas.storage import RUNS_DIR, make_storage
 from hybridnas.yamlio import atomic_write_text
@@ -115,21 +116,11 @@ def enumerate_space(space: SearchSpace) -> list[Candidate]:
 
 
 def lr_ladder(space: SearchSpace, n: int = 3, explicit: list[float] | None = None) -> list[float]:
-    """The learning rates every architecture is trained at: ``explicit``, else the space's list of lrs, else ``n``
-    points spaced evenly in log between the ends of its lr range (both ends included)."""
+    """The learning rates every architecture is trained at: ``explicit``, else the ladder a search trial would
+    train (:func:`hybridnas.ladder.ladder_from`: the space's list of lrs, or ``n`` points over its range)."""
     if explicit:
         return sorted(float(v) for v in explicit)
-    lr = space.train.get("lr", TrainConfig.lr)
-    if isinstance(lr, list):
-        return sorted(float(v) for v in lr)
-    if isinstance(lr, Range):
-        lo, hi = float(lr.low), float(lr.high)
-        if n == 1:
-            return [math.sqrt(lo * hi) if lr.log else (lo + hi) / 2]
-        if lr.log:
-            return [float(f"{lo * (hi / lo) ** (i / (n - 1)):.6g}") for i in range(n)]
-        return [float(f"{lo + (hi - lo) * i / (n - 1):.6g}") for i in range(n)]
-    return [float(lr)]
+    return ladder_from(space.train.get("lr", TrainConfig.lr), n)
 
 
 @dataclass

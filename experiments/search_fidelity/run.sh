@@ -21,3 +21,12 @@ hybridnas replay search_spaces/quickstart.yaml --table "$dir/quickstart_table.cs
 # 4. the default quickstart search, replayed (the issue's target line) and run for real on idle cores
 hybridnas replay search_spaces/quickstart.yaml --table "$dir/quickstart_table.csv" --seeds 20 \
   | tee "$dir/replay_default.txt"
+
+# 5. a third seed at 1x (only the missing runs train), its analysis and the default replayed on 40 seeds
+hybridnas sweep search_spaces/quickstart.yaml --budgets 1 --seeds 3 --n-lrs 3 --workers 2 \
+  --storage "$dir/quickstart-sweep.journal" --study quickstart-sweep
+hybridnas sweep search_spaces/quickstart.yaml --budgets 1,10 --seeds 3 --storage "$dir/quickstart-sweep.journal" \
+  --study quickstart-sweep --table-only --out "$dir/quickstart_table_3seeds.csv"
+python "$dir/analyze.py" "$dir/quickstart_table_3seeds.csv" | tee "$dir/analyze_output_3seeds.txt"
+hybridnas replay search_spaces/quickstart.yaml --table "$dir/quickstart_table_3seeds.csv" --seeds 40 \
+  --compare "lr_mode=halving;sampler=tpe;pruner=median;prune_after=0.5;confirm_top=3,0" | tee "$dir/replay_3seeds.txt"

@@ -386,7 +386,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.out:
         write_comparison(summaries, args.out)
         print(f"wrote {args.out}.png and {args.out}.json")
-    print(summaries[0].line() if len(summaries) == 1 else summaries[0].line())
+    print(summaries[0].line())
     return 0
 
 

@@ -27,7 +27,6 @@ import statistics
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from hybridnas.ladder import ladder_from
 from hybridnas.schema import ArchConfig, SearchSpace, arch_key
 from hybridnas.train import TrainResult
 
@@ -257,7 +256,6 @@ class ReplayResult:
 def replay_once(space: SearchSpace, rows: list[TableRow], truth: GroundTruth, seed: int, *,
                 budget: float = 1.0) -> ReplayResult:
     """One search (search seed ``seed``) answered from the table."""
-    import optuna
 
     from hybridnas import search
 
@@ -272,10 +270,7 @@ def replay_once(space: SearchSpace, rows: list[TableRow], truth: GroundTruth, se
     key = best.user_attrs.get("arch_key") if best is not None else None
     if sp.search.confirm_top and best is not None:
         key = _confirm(study, sp, rows, answers) or key
-    trained = sum(1 for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
-                                                          optuna.trial.TrialState.PRUNED)
-                  and "duplicate_of" not in t.user_attrs and "infeasible" not in t.user_attrs
-                  and "over_cap" not in t.user_attrs)
+    trained = sum(search.counts_toward_budget(t) for t in study.trials)
     if key is None or key not in truth.archs:
         worst = truth.best.score - min(a.score for a in truth.archs.values())
         return ReplayResult(seed, key, None, answers.cost[0], trained, worst, False)
@@ -341,12 +336,6 @@ def replay(space: SearchSpace, rows: list[TableRow], seeds: int, *, budget: floa
     sweep_seconds = sum(r.wall_seconds for r in rows if r.budget == budget and math.isfinite(r.wall_seconds))
     results = [replay_once(space, rows, truth, s, budget=budget) for s in range(first_seed, first_seed + seeds)]
     return Summary(label, results, sweep_seconds)
-
-
-def ladder_of(space: SearchSpace) -> list[float]:
-    from hybridnas.schema import TrainConfig
-
-    return ladder_from(space.train.get("lr", TrainConfig.lr), space.search.lr_ladder)
 
 
 def _beats(o: Summary, s: Summary, metric: str, higher_is_better: bool) -> bool:

@@ -304,7 +304,11 @@ class SweepObjective:
 def run_sweep(plan: SweepPlan, *, storage: str | None = None, study_name: str | None = None,
               max_runs: int | None = None, log=print) -> optuna.Study:
     """Claim and train pending runs until none is left (or ``max_runs`` have run here). Resumable."""
+    from hybridnas.runtime import apply_torch_threads
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    threads = plan.space.train.get("threads")  # the search's thread rule: train.threads, else the cores' share
+    apply_torch_threads(threads if isinstance(threads, int) and not isinstance(threads, bool) else None)
     study = open_sweep_study(plan.space, storage, study_name)
     objective = SweepObjective(plan, log=log)
     ran = 0
@@ -370,22 +374,25 @@ def write_table(study: optuna.Study, path: str) -> int:
 
 
 def run_sweep_workers(argv: list[str], n: int, storage: str, log_dir: str) -> int:
-    """``n`` processes of ``hybridnas sweep`` (``argv`` without ``--workers``) on one study: each gets
-    ``cores // n`` torch threads (at least 1) and a log file; returns how many exited with an error."""
+    """``n`` processes of ``hybridnas sweep`` (``argv`` without ``--workers``) on one study (created by the caller):
+    each gets a log file and the environment a search worker gets (:func:`hybridnas.workers.worker_env`: its share
+    of the cores as torch threads, its GPU); returns how many exited with an error."""
     import subprocess
     import sys
     from pathlib import Path
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // n))}
+    import torch
+
+    from hybridnas.workers import worker_env
+
     Path(log_dir).mkdir(parents=True, exist_ok=True)
+    gpus = torch.cuda.device_count()
     procs, logs = [], []
     for i in range(n):
         log = open(Path(log_dir) / f"sweep-worker-{i}.log", "ab")
         logs.append(log)
         procs.append(subprocess.Popen([sys.executable, "-m", "hybridnas.cli", "sweep", *argv, "--storage", storage],
-                                      stdout=log, stderr=subprocess.STDOUT, env=env))
-        time.sleep(1)  # the first creates the study
+                                      stdout=log, stderr=subprocess.STDOUT, env=worker_env(i, n, gpus)))
     try:
         for p in procs:
             p.wait()

@@ -63,6 +63,7 @@ CHANGED = {
     "power_a": 1.0,
     "random_non_queries": False,
     "seed": 1,
+    "train_kv_pairs": [1, 2],
 }
 
 
@@ -274,3 +275,44 @@ def test_unknown_config_key_is_an_error():
     with pytest.raises(TaskConfigError) as info:
         build_task("mqar", {**SMALL, "num_kv": 3})
     assert info.value.field == "num_kv"
+
+
+# ---------------------------------------------------------------- the train mixture (train_kv_pairs)
+
+def test_train_mixture_counts_and_test_split():
+    cfg = MQARConfig(vocab_size=128, seq_len=32, num_kv_pairs=8, num_train=1001, num_test=64,
+                     train_kv_pairs=[2, 4, 8])
+    d = build(cfg)
+    per_row = (d.train_labels != IGNORE_INDEX).sum(1)
+    counts = {k: int((per_row == k).sum()) for k in (2, 4, 8)}
+    assert counts == {2: 334, 4: 334, 8: 333}
+    assert int((per_row == 2).sum() + (per_row == 4).sum() + (per_row == 8).sum()) == 1001
+    # shuffled, not blocks: the first hundred rows hold more than one setting
+    assert len(set(per_row[:100].tolist())) == 3
+    # the test split keeps num_kv_pairs and is the plain generator's
+    plain = build(MQARConfig(vocab_size=128, seq_len=32, num_kv_pairs=8, num_train=1001, num_test=64))
+    assert torch.equal(d.valid_inputs, plain.valid_inputs) and torch.equal(d.valid_labels, plain.valid_labels)
+    assert bool(((d.valid_labels != IGNORE_INDEX).sum(1) == 8).all())
+    # each part is a well-formed MQAR sequence: the label after a query key is the value that key was paired with
+    for row in range(50):
+        x, y = d.train_inputs[row], d.train_labels[row]
+        kv = int((y != IGNORE_INDEX).sum())
+        pairs = {int(x[2 * i]): int(x[2 * i + 1]) for i in range(kv)}
+        for pos in torch.nonzero(y != IGNORE_INDEX).flatten().tolist():
+            assert pairs[int(x[pos])] == int(y[pos])
+
+
+def test_train_mixture_is_seeded():
+    cfg = MQARConfig(vocab_size=64, seq_len=32, num_kv_pairs=4, num_train=300, num_test=8, train_kv_pairs=[1, 4])
+    a, b = build(cfg), build(cfg)
+    assert torch.equal(a.train_inputs, b.train_inputs) and torch.equal(a.train_labels, b.train_labels)
+    c = build(dataclasses.replace(cfg, seed=5))
+    assert not torch.equal(a.train_inputs, c.train_inputs)
+
+
+@pytest.mark.parametrize("mix", [[], [0], [9], [True], "4", [2, 2.5]])
+def test_train_mixture_errors_name_the_field(mix):
+    cfg = MQARConfig(vocab_size=64, seq_len=32, num_kv_pairs=4, num_train=100, num_test=8, train_kv_pairs=mix)
+    with pytest.raises(TaskConfigError) as e:
+        cfg.check()
+    assert e.value.field == "train_kv_pairs"

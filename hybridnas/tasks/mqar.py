@@ -11,7 +11,11 @@ One example, before the next-token shift, is a sequence of ``seq_len + 1`` token
   ``p ∝ a * i**(a-1)`` for the i-th slot (``i = gap + 1``), so small ``a`` favours short distances;
 - ``inputs = seq[:-1]`` and ``labels = seq[1:]`` masked to ``IGNORE_INDEX`` except right after each query key,
   i.e. the label at a query key's position is the value paired with that key;
-- ``random_non_queries`` replaces every remaining 0 of the inputs with a uniform token from ``[0, V)``.
+- ``random_non_queries`` replaces every remaining 0 of the inputs with a uniform token from ``[0, V)``;
+- ``train_kv_pairs`` (Zoology's mixture of training configurations): the train split is an equal mix of
+  sequences with each listed number of pairs, shuffled; the test split keeps ``num_kv_pairs``. Easy sequences
+  give the recall mechanism a gradient long before the hard ones do, so accuracy on the test's ``num_kv_pairs``
+  rises with the model's capacity instead of waiting on a plateau.
 
 Generation is vectorized over examples (NumPy), seeded with ``numpy.random.default_rng(seed)``.
 """
@@ -42,6 +46,7 @@ class MQARConfig(TaskConfig):
     power_a: float = 0.01
     random_non_queries: bool = True
     seed: int = 0
+    train_kv_pairs: list[int] | None = None
 
     def check(self) -> MQARConfig:
         """Raise :class:`TaskConfigError` naming the field of the first violated precondition."""
@@ -72,6 +77,20 @@ class MQARConfig(TaskConfig):
         if self.num_kv_pairs > num_keys:
             raise TaskConfigError("num_kv_pairs", f"only {num_keys} distinct keys exist in [1, vocab_size/2) "
                                                   f"for vocab_size {self.vocab_size}, got {self.num_kv_pairs}")
+        if self.train_kv_pairs is not None:
+            mix = self.train_kv_pairs
+            if not isinstance(mix, list | tuple) or not mix:
+                raise TaskConfigError("train_kv_pairs", f"must be a non-empty list of integers, got {mix!r}")
+            for kv in mix:
+                if isinstance(kv, bool) or not isinstance(kv, int | np.integer) or kv < 1:
+                    raise TaskConfigError("train_kv_pairs", f"entries must be integers >= 1, got {kv!r}")
+                if 4 * kv > self.seq_len or kv > num_keys:
+                    raise TaskConfigError("train_kv_pairs", f"{kv} pairs do not fit: at most "
+                                                            f"{min(self.seq_len // 4, num_keys)} for seq_len "
+                                                            f"{self.seq_len} and vocab_size {self.vocab_size}")
+            if len(mix) > self.num_train:
+                raise TaskConfigError("train_kv_pairs", f"{len(mix)} settings need num_train >= {len(mix)}, "
+                                                        f"got {self.num_train}")
         return self
 
     def decode_seq_len(self) -> int:
@@ -121,13 +140,17 @@ def _power_law_gaps(rng: np.random.Generator, rows: int, space: int, k: int, pow
     return np.argsort(-scores, axis=1, kind="stable")[:, :k].astype(np.int64)
 
 
-def generate_mqar(cfg: MQARConfig, num_examples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(inputs, labels)``: int64 tensors of shape ``(num_examples, seq_len)``; see the module docstring."""
+def generate_mqar(cfg: MQARConfig, num_examples: int, seed: int,
+                  num_kv_pairs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs, labels)``: int64 tensors of shape ``(num_examples, seq_len)``; see the module docstring.
+
+    ``num_kv_pairs`` overrides ``cfg.num_kv_pairs`` (the train mixture uses it)."""
     cfg.check()
     if isinstance(num_examples, bool) or not isinstance(num_examples, int | np.integer) or num_examples < 0:
         raise TaskConfigError("num_examples", f"must be a non-negative integer, got {num_examples!r}")
     rng = np.random.default_rng(seed)
-    n, v, seq_len, kv = int(num_examples), cfg.vocab_size, cfg.seq_len, cfg.num_kv_pairs
+    kv = cfg.num_kv_pairs if num_kv_pairs is None else int(num_kv_pairs)
+    n, v, seq_len = int(num_examples), cfg.vocab_size, cfg.seq_len
     context = 2 * kv
     half = v // 2
 
@@ -155,10 +178,26 @@ def generate_mqar(cfg: MQARConfig, num_examples: int, seed: int) -> tuple[torch.
     return torch.from_numpy(inputs), torch.from_numpy(labels)
 
 
+def generate_mixture(cfg: MQARConfig, num_examples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The train split of ``cfg.train_kv_pairs``: ``num_examples`` split as evenly as possible over the listed
+    numbers of pairs (the first ones get the remainder), each part from its own stream of ``seed``, rows shuffled."""
+    mix = [int(k) for k in cfg.train_kv_pairs]
+    sizes = [num_examples // len(mix) + (i < num_examples % len(mix)) for i in range(len(mix))]
+    parts = [generate_mqar(cfg, size, seed + 7919 * i, num_kv_pairs=kv)
+             for i, (kv, size) in enumerate(zip(mix, sizes, strict=True))]
+    inputs = torch.cat([p[0] for p in parts])
+    labels = torch.cat([p[1] for p in parts])
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(num_examples))
+    return inputs[order], labels[order]
+
+
 def build(cfg: MQARConfig) -> TaskData:
     """Train split from ``cfg.seed``, test split (served as ``valid_*``) from ``cfg.seed + TEST_SEED_OFFSET``."""
     cfg.check()
-    train_inputs, train_labels = generate_mqar(cfg, cfg.num_train, cfg.seed)
+    if cfg.train_kv_pairs is None:
+        train_inputs, train_labels = generate_mqar(cfg, cfg.num_train, cfg.seed)
+    else:
+        train_inputs, train_labels = generate_mixture(cfg, cfg.num_train, cfg.seed)
     valid_inputs, valid_labels = generate_mqar(cfg, cfg.num_test, cfg.seed + TEST_SEED_OFFSET)
     return TaskData(train_inputs=train_inputs, train_labels=train_labels, valid_inputs=valid_inputs,
                     valid_labels=valid_labels, vocab_size=cfg.vocab_size)

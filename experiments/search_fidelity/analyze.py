@@ -22,6 +22,32 @@ def bands(gap: float, band: float) -> str:
     return f"{gap / band:.1f}" if band > 0 else "inf"
 
 
+def seed_reliability(rows, budget: float, lr_of: dict[str, float]) -> tuple[float, int]:
+    """Mean pairwise seed-to-seed Spearman of the architectures' scores at ``budget`` (each at ``lr_of[arch]``),
+    and the number of seeds every architecture has there."""
+    by: dict[tuple[str, int], float] = {}
+    for r in rows:
+        if r.budget == budget and r.arch_key in lr_of and r.lr == lr_of[r.arch_key]:
+            by[(r.arch_key, r.seed)] = r.score
+    seeds = sorted({s for _, s in by})
+    keys = [k for k in lr_of if all((k, s) in by for s in seeds)]
+    pairs = [(a, b) for i, a in enumerate(seeds) for b in seeds[i + 1:]]
+    if not pairs:
+        return float("nan"), len(seeds)
+    return statistics.fmean(spearman([by[(k, a)] for k in keys], [by[(k, b)] for k in keys]) for a, b in pairs), \
+        len(seeds)
+
+
+def brown(r: float, k: float) -> float:
+    """Spearman-Brown: the reliability of a mean over k seeds from the single-seed reliability r."""
+    return k * r / (1 + (k - 1) * r) if r > 0 else 0.0
+
+
+def seeds_for(r: float, target: float) -> float:
+    """Seeds whose mean reaches reliability ``target`` from single-seed reliability r (Spearman-Brown inverted)."""
+    return target * (1 - r) / (r * (1 - target)) if r > 0 else math.inf
+
+
 def main(path: str) -> None:
     rows = load_table(path)
     budgets = sorted({r.budget for r in rows})
@@ -94,6 +120,17 @@ def main(path: str) -> None:
             auc[k] = statistics.fmean(vals)
         rho_auc = spearman([first.archs[k].score for k in keys], [auc[k] for k in keys])
         print(f"Spearman {budgets[0]:g}x score vs {b:g}x mean accuracy over the run (anytime view): {rho_auc:.3f}")
+        # the noise ceiling: how well each budget's ranking reproduces itself from one seed to another bounds how
+        # well any two rankings built from those seeds can agree (attenuation: observed <= sqrt(rel_1 * rel_b))
+        r1, n1 = seed_reliability(rows, budgets[0], {k: first.archs[k].lr for k in keys})
+        rb, nb = seed_reliability(rows, b, {k: truth.archs[k].lr for k in keys})
+        rel1, relb = brown(r1, n1), brown(rb, nb)
+        print(f"  noise ceiling: seed-to-seed Spearman {r1:.3f} at {budgets[0]:g}x ({n1} seeds: reliability of the "
+              f"mean {rel1:.3f}), {rb:.3f} at {b:g}x ({nb} seeds: {relb:.3f}); the highest Spearman these seeds "
+              f"can show between a perfect proxy and the truth is sqrt({rel1:.3f} x {relb:.3f}) = "
+              f"{math.sqrt(rel1 * relb):.3f}")
+        print(f"  a ceiling of 0.9 needs reliability 0.9 at both budgets: {math.ceil(seeds_for(r1, 0.9))} seeds "
+              f"at {budgets[0]:g}x and {math.ceil(seeds_for(rb, 0.9))} at {b:g}x for this task")
 
 
 if __name__ == "__main__":

@@ -30,3 +30,11 @@ hybridnas sweep search_spaces/quickstart.yaml --budgets 1,10 --seeds 3 --storage
 python "$dir/analyze.py" "$dir/quickstart_table_3seeds.csv" | tee "$dir/analyze_output_3seeds.txt"
 hybridnas replay search_spaces/quickstart.yaml --table "$dir/quickstart_table_3seeds.csv" --seeds 40 \
   --compare "lr_mode=halving;sampler=tpe;pruner=median;prune_after=0.5;confirm_top=3,0" | tee "$dir/replay_3seeds.txt"
+
+# 6. two single-seed pilots of harder tasks at 1x (stopped by hand after the 1x part: `--budgets 1` alone gives
+#    the same runs), then their side-by-side summary
+for p in kv8 mix; do
+  hybridnas sweep "$dir/pilots/pilot_$p.yaml" --lrs 0.003,0.01 --seeds 1 --budgets 1 --workers 2 \
+    --storage "runs/pilot_$p.journal" --out "$dir/pilots/pilot_$p.csv"
+done
+python "$dir/pilots/summarize.py" | tee "$dir/pilots/summary.txt"

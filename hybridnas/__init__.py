@@ -1,11 +1,16 @@
 """hybridnas: architecture search over hybrid sequence models.
 
-``hybridnas.build_model(folder)`` rebuilds an exported model and loads its weights.
+``hybridnas.build_model(folder)`` rebuilds an exported model and loads its weights. With transformers installed,
+``import hybridnas`` also makes ``AutoModelForCausalLM.from_pretrained(folder)`` work (:mod:`hybridnas.hf`).
 """
 
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "build_model", "HybridLM", "registry", "patterns"]
+
+from hybridnas import _autoreg
+
+_autoreg.install()  # AutoConfig / AutoModelForCausalLM learn "hybridnas" when transformers loads them
 
 
 def __getattr__(name: str):

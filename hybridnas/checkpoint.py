@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from hybridnas import __version__, patterns
+from hybridnas import __version__, patterns, registry
 from hybridnas.config import load_arch
 from hybridnas.model import HybridLM
 from hybridnas.schema import ArchConfig, resolved_layers
@@ -45,13 +45,40 @@ def complete_arch(arch: ArchConfig) -> ArchConfig:
     return ArchConfig(full, arch.task, arch.train, dict(arch.symbols), arch.name)
 
 
+def layer_type(symbol: str, params: dict[str, Any] | None = None) -> str:
+    """The transformers name of one block's kind (``config.json`` ``layer_types``): attention ->
+    ``full_attention`` (``sliding_attention`` with a window), a fixed-size recurrent state (M, R) ->
+    ``linear_attention``, Hyena's long convolution -> ``conv``, dense MLP -> ``mlp``, MoE -> ``moe`` (the names
+    Nemotron-H uses). A custom layer is classed by its contract: an FFN -> ``mlp``, a growing state ->
+    ``full_attention``, else ``linear_attention``."""
+    spec = registry.get(symbol)
+    prim = spec.symbol
+    if prim == "A":
+        return "sliding_attention" if (params or {}).get("window") is not None else "full_attention"
+    fixed = {"M": "linear_attention", "R": "linear_attention", "H": "conv", "F": "mlp", "E": "moe"}
+    if prim in fixed and spec.source.startswith("layers."):
+        return fixed[prim]
+    if spec.kind == "ffn":
+        return "mlp"
+    return "full_attention" if getattr(spec.cls, "state_grows", False) else "linear_attention"
+
+
 def hf_config(arch: ArchConfig, model: HybridLM | None = None) -> dict[str, Any]:
+    """``config.json``: what ``hybridnas.hf.HybridNASConfig`` (and so ``AutoModelForCausalLM``) reads."""
     m = arch.model
+    layers = resolved_layers(m)
+    symbols = patterns.to_primary(m.pattern)
+    seq_len = arch.task.params.get("seq_len")
+    eos = 256 if arch.task.name == "lm" and arch.task.params.get("tokenizer", "bytes") == "bytes" else None
     return {
         "model_type": "hybridnas",
-        "architectures": ["HybridLM"],
+        "architectures": ["HybridNASForCausalLM"],
         "hybridnas_version": __version__,
         "hybrid_override_pattern": m.pattern,
+        "layer_types": [layer_type(s, layers.get(s)) for s in symbols],
+        "task": arch.task.name,
+        "max_position_embeddings": int(seq_len) if isinstance(seq_len, int) else None,
+        "eos_token_id": eos,
         "layer_symbols": patterns.to_primary(m.pattern),
         "num_hidden_layers": len(patterns.to_primary(m.pattern)),
         "hidden_size": m.d_model,
@@ -59,7 +86,7 @@ def hf_config(arch: ArchConfig, model: HybridLM | None = None) -> dict[str, Any]
         "rms_norm_eps": m.norm_eps,
         "tie_word_embeddings": m.tie_embeddings,
         "initializer_range": m.init_std,
-        "layer_configs": resolved_layers(m),
+        "layer_configs": layers,
         "custom_symbols": dict(arch.symbols),
         "num_parameters": model.num_params() if model is not None else HybridLM.param_count(m),
         "torch_dtype": "float32",
@@ -71,14 +98,22 @@ def save_weights(path: Path, model: HybridLM, metadata: dict[str, str] | None = 
     atomic_write_bytes(path, st_save(tensors, metadata=metadata or {"format": "pt"}))
 
 
-def save_checkpoint(out_dir: str | Path, arch: ArchConfig, model: HybridLM) -> Path:
-    """architecture.yaml + config.json + model.safetensors: everything :func:`build_model` needs."""
+def save_checkpoint(out_dir: str | Path, arch: ArchConfig, model: HybridLM, *, tokenizer: bool = False) -> Path:
+    """architecture.yaml + config.json + model.safetensors: everything :func:`build_model` needs. ``tokenizer``:
+    also the task's tokenizer.json + tokenizer_config.json (:mod:`hybridnas.hf_tokenizer`; skipped without the
+    ``tokenizers`` package)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     full = complete_arch(arch)
     atomic_write_text(out / ARCH_FILE, dump_yaml(full.to_dict()))
-    write_json(out / CONFIG_FILE, hf_config(full, model))
+    config = hf_config(full, model)
+    write_json(out / CONFIG_FILE, config)
     save_weights(out / WEIGHTS_FILE, model)
+    if tokenizer:
+        from hybridnas import hf_tokenizer
+
+        hf_tokenizer.save(out, arch.task.name, arch.task.params, arch.model.vocab_size,
+                          config["max_position_embeddings"])
     return out
 
 

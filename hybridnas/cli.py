@@ -278,7 +278,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = trainer_for(arch.task.name)(arch, data, on_eval=on_eval, log_dir=args.log_dir, hparams=hparams)
     print(json.dumps(result.metrics, indent=2))
     if args.out:
-        save_checkpoint(args.out, arch, result.model.to("cpu"))
+        save_checkpoint(args.out, arch, result.model.to("cpu"), tokenizer=True)
         print(f"saved to {args.out}/")
     return 0 if result.metrics["stop_reason"] != "nan" else 1
 

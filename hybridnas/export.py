@@ -5,6 +5,8 @@ Folder layout (Hugging Face style)::
     architecture.yaml        complete config: task, model (every layer parameter resolved), train
     config.json              model_type "hybridnas", the pattern, sizes and per-symbol layer configs
     model.safetensors        weights (tied head stored once)
+    tokenizer.json           the task's tokenizer (byte-level for text, decimal ids otherwise) and
+    tokenizer_config.json    its settings: AutoTokenizer.from_pretrained(folder) reads them
     README.md                model card: metrics, search summary, plots
     optimization_history.png
     trial.json               study, trial number, objective values, sampled parameters, metrics
@@ -149,7 +151,7 @@ def export_trial(study, trial, out_dir: str | Path, *, retrain_if_missing: bool 
         metrics = {k: v for k, v in result.metrics.items()}
     else:
         raise FileNotFoundError(f"weights of trial {trial.number} not found")
-    save_checkpoint(out, arch, model)
+    save_checkpoint(out, arch, model, tokenizer=True)
     atomic_write_text(out / "README.md", model_card(arch, trial, study, metrics, model.num_params()))
     png = _history_png(study)
     if png is not None:

@@ -1,4 +1,4 @@
-"""hybridnas search | show | export | plot | dashboard | train | sweep | replay | bench | validate.
+"""hybridnas search | show | export | plot | dashboard | train | generate | serve | sweep | replay | bench | validate.
 
 Errors a user can fix (bad YAML, unknown study, missing file) print one clear message and exit 2;
 Ctrl-C exits 130 after Optuna has recorded the interrupted trial, so re-running resumes.
@@ -283,6 +283,60 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if result.metrics["stop_reason"] != "nan" else 1
 
 
+def _parse_number(text: str | None, name: str, kind: type, default=None):
+    """``--name`` as ``kind`` (int or float), or ``default`` when not given; ValueError naming the option."""
+    if text is None:
+        return default
+    try:
+        return kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {text!r}") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from hybridnas.generation import Decoder, Sampling, load_export
+    from hybridnas.hf_tokenizer import StreamDecoder
+
+    max_new = _parse_number(args.max_new_tokens, "max_new_tokens", int, 64)
+    if max_new < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {max_new}")
+    cfg = Sampling(temperature=_parse_number(args.temperature, "temperature", float, 1.0),
+                   top_k=_parse_number(args.top_k, "top_k", int, None),
+                   top_p=_parse_number(args.top_p, "top_p", float, 1.0),
+                   seed=_parse_number(args.seed, "seed", int, None))
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise ValueError(f"--{str(e).replace('_', '-')}") from None
+    export = load_export(args.export, trust_custom_code=args.trust_custom_code)
+    if args.ids:
+        try:
+            ids = [int(t) for t in args.prompt.split()]
+        except ValueError:
+            raise ValueError(f"--ids: the prompt must be token ids separated by spaces, got {args.prompt!r}") from None
+    else:
+        if export.tokenizer is None:
+            raise ValueError(f"{args.export} has no tokenizer.json: pass the prompt as token ids with --ids")
+        ids = export.tokenizer.encode(args.prompt)
+    if not ids:
+        raise ValueError("the prompt is empty (no tokens)")
+    export.check_ids(ids)
+    decoder = Decoder(export.model)
+    decoder.feed(ids)
+    stream = StreamDecoder(None if args.ids else export.tokenizer)
+    for tok in decoder.generate(max_new, cfg, eos_id=export.eos_id):
+        if tok == export.eos_id:  # the end of the text: not printed
+            break
+        piece = stream.push(tok)
+        if piece:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write(stream.flush() + "\n")
+    sys.stdout.flush()
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from hybridnas import bench
 
@@ -449,6 +503,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="save architecture.yaml, config.json and model.safetensors here")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("generate", help="decode from an export folder, printing tokens as they come")
+    s.add_argument("export", help="export folder (hybridnas export --out DIR)")
+    s.add_argument("--prompt", required=True, help="prompt text (needs the folder's tokenizer), or ids with --ids")
+    s.add_argument("--ids", action="store_true", help="the prompt is token ids separated by spaces; print ids")
+    s.add_argument("--max-new-tokens", help="tokens to generate (default 64)")
+    s.add_argument("--temperature", help="0 for greedy; default 1")
+    s.add_argument("--top-k", help="sample among the k most likely tokens")
+    s.add_argument("--top-p", help="nucleus sampling: the smallest set of tokens with this probability (default 1)")
+    s.add_argument("--seed", help="random seed of the sampling")
+    s.add_argument("--trust-custom-code", action="store_true", help="import custom layer code the folder names")
+    s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("bench", help="time a mixer's forward and forward+backward over backends and lengths")
     s.add_argument("--mixer", required=True, help="registered symbol, e.g. M")

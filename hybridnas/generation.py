@@ -1,0 +1,164 @@
+"""Token-by-token decoding from a :class:`hybridnas.model.HybridLM`'s prefill/step, for ``hybridnas generate`` and
+``hybridnas serve``.
+
+:class:`Decoder` holds one sequence's decoding state (every block's state plus the logits for the next token) and
+extends it: :meth:`Decoder.feed` runs new prompt tokens (a prefill when the state is empty, else one ``step`` per
+token, so a continued conversation processes only its new tokens), :meth:`Decoder.generate` yields sampled tokens
+one at a time and steps each one in, so the state afterwards covers every token seen. Greedy decoding
+(``temperature=0``) picks the same tokens as ``HybridLM.generate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hybridnas.model import HybridLM
+
+
+@dataclass
+class Sampling:
+    """``temperature`` 0: greedy; else softmax at that temperature after the top-k and nucleus (top-p) cuts."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def check(self) -> Sampling:
+        if not (isinstance(self.temperature, int | float) and not isinstance(self.temperature, bool)
+                and 0 <= self.temperature < float("inf")):
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise ValueError(f"top_k must be an integer >= 1, got {self.top_k!r}")
+        if not (isinstance(self.top_p, int | float) and not isinstance(self.top_p, bool) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        return self
+
+
+def sample(logits: torch.Tensor, cfg: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of ``logits (B, V)``."""
+    if cfg.temperature <= 0:
+        return logits.argmax(-1)
+    scores = logits.float() / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < scores.size(-1):
+        kth = torch.topk(scores, cfg.top_k).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        probs = F.softmax(sorted_scores, -1)
+        # drop a token when the tokens ranked above it already reach top_p (the first one always stays)
+        drop = probs.cumsum(-1) - probs >= cfg.top_p
+        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+        scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+    return torch.multinomial(F.softmax(scores, -1), 1, generator=generator)[:, 0]
+
+
+@dataclass
+class Decoder:
+    """One sequence's decoding state: ``states`` (one entry per block), ``logits`` for the next token (``(1, V)``)
+    and the number of tokens ``seen``."""
+
+    model: HybridLM
+    states: list[Any] | None = None
+    logits: torch.Tensor | None = None
+    seen: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def feed(self, ids: list[int]) -> None:
+        """Run new tokens: a prefill on an empty state, else one ``step`` per token from the state."""
+        if not ids:
+            return
+        device = self.model.embed.weight.device
+        x = torch.tensor([ids], dtype=torch.long, device=device)
+        if self.states is None:
+            logits, self.states = self.model.prefill(x)
+            self.logits = logits[:, -1]
+        else:
+            for i in range(x.shape[1]):
+                self.logits, self.states = self.model.step(x[:, i], self.states)
+        self.seen += len(ids)
+
+    @torch.no_grad()
+    def generate(self, max_new_tokens: int, cfg: Sampling, eos_id: int | None = None) -> Iterator[int]:
+        """Yield up to ``max_new_tokens`` tokens (stopping after ``eos_id``); each is stepped into the state."""
+        if self.logits is None:
+            raise ValueError("nothing to continue from: feed at least one token first")
+        gen = None
+        if cfg.seed is not None and cfg.temperature > 0:
+            gen = torch.Generator(device=self.logits.device).manual_seed(cfg.seed)
+        for _ in range(max_new_tokens):
+            tok = sample(self.logits, cfg, gen)
+            self.logits, self.states = self.model.step(tok, self.states)
+            self.seen += 1
+            yield int(tok[0])
+            if eos_id is not None and int(tok[0]) == eos_id:
+                return
+
+    def nbytes(self) -> int:
+        total = 0
+        stack: list[Any] = [self.states, self.logits]
+        while stack:
+            obj = stack.pop()
+            if isinstance(obj, torch.Tensor):
+                total += obj.numel() * obj.element_size()
+            elif isinstance(obj, dict):
+                stack.extend(obj.values())
+            elif isinstance(obj, (list, tuple)):
+                stack.extend(obj)
+        return total
+
+
+@dataclass
+class Export:
+    """A loaded export folder: the model, its tokenizer (None without one) and its config.json."""
+
+    folder: str
+    model: HybridLM
+    tokenizer: Any
+    config: dict[str, Any]
+
+    @property
+    def eos_id(self) -> int | None:
+        if self.tokenizer is not None and self.tokenizer.eos_id is not None:
+            return int(self.tokenizer.eos_id)
+        eos = self.config.get("eos_token_id")
+        return eos if isinstance(eos, int) else None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.cfg.vocab_size)
+
+    def check_ids(self, ids: list[int]) -> None:
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+
+
+def load_export(folder: str, *, trust_custom_code: bool = False, device: str = "cpu") -> Export:
+    """Load an export folder (``hybridnas.build_model``) with its tokenizer; errors are ValueError/FileNotFoundError
+    with one line naming the folder."""
+    import json
+    from pathlib import Path
+
+    from hybridnas import hf_tokenizer
+    from hybridnas.checkpoint import ARCH_FILE, CONFIG_FILE, UntrustedCodeError, build_model
+
+    p = Path(folder)
+    if not (p / ARCH_FILE).is_file():
+        raise FileNotFoundError(f"{folder}: not an export folder (no {ARCH_FILE}); make one with hybridnas export")
+    try:
+        model = build_model(p, device=device, trust_custom_code=trust_custom_code)
+    except UntrustedCodeError as e:
+        raise ValueError(f"{e} (command line: --trust-custom-code)") from None
+    config_file = p / CONFIG_FILE
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return Export(str(folder), model.eval(), hf_tokenizer.load(p), config)

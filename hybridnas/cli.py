@@ -337,6 +337,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from hybridnas.serve import serve
+    except ImportError as e:
+        raise ValueError(f"hybridnas serve needs the serve extra (pip install -e '.[serve]'): {e}") from None
+    port = _parse_number(args.port, "port", int, 8000)
+    if not 0 <= port < 65536:
+        raise ValueError(f"--port must be in 0..65535, got {port}")
+    max_context = _parse_number(args.max_context, "max_context", int, None)
+    if max_context is not None and max_context < 1:
+        raise ValueError(f"--max-context must be >= 1, got {max_context}")
+    cache_bytes = _parse_number(args.cache_bytes, "cache_bytes", int, 256 << 20)
+    if cache_bytes < 0:
+        raise ValueError(f"--cache-bytes must be >= 0, got {cache_bytes}")
+    ttl = _parse_number(args.cache_ttl, "cache_ttl", float, 600.0)
+    if not ttl > 0:
+        raise ValueError(f"--cache-ttl must be > 0, got {ttl}")
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"hybridnas serve needs the serve extra (pip install -e '.[serve]'): {e}") from None
+    serve(args.export, host=args.host, port=port, max_context=max_context, cache_bytes=cache_bytes, cache_ttl=ttl,
+          trust_custom_code=args.trust_custom_code)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from hybridnas import bench
 
@@ -515,6 +543,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", help="random seed of the sampling")
     s.add_argument("--trust-custom-code", action="store_true", help="import custom layer code the folder names")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="serve an export folder: OpenAI-style /v1/completions, /health, /metrics")
+    s.add_argument("export", help="export folder (hybridnas export --out DIR)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", help="port (default 8000)")
+    s.add_argument("--max-context", help="tokens a conversation may reach (default: config.json "
+                                         "max_position_embeddings, else 2048)")
+    s.add_argument("--cache-bytes", help="conversation state cache budget in bytes (default 256 MiB; LRU eviction)")
+    s.add_argument("--cache-ttl", help="seconds an unused conversation state is kept (default 600)")
+    s.add_argument("--trust-custom-code", action="store_true", help="import custom layer code the folder names")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("bench", help="time a mixer's forward and forward+backward over backends and lengths")
     s.add_argument("--mixer", required=True, help="registered symbol, e.g. M")

@@ -108,7 +108,11 @@ class FolderTokenizer:
         self.eos_id = self.tok.token_to_id(eos) if isinstance(eos, str) else None
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=False).ids)
+        """ValueError when the tokenizer cannot encode ``text`` (a word outside a word-level vocabulary)."""
+        try:
+            return list(self.tok.encode(text, add_special_tokens=False).ids)
+        except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception)
+            raise ValueError(f"the tokenizer cannot encode the prompt: {e}") from None
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)

@@ -178,3 +178,32 @@ def test_import_hybridnas_loads_no_transformers():
             "from transformers.models.auto.configuration_auto import CONFIG_MAPPING; "
             "assert 'hybridnas' in CONFIG_MAPPING; import sys; assert 'hybridnas.hf' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_registration_in_either_import_order():
+    # transformers' Auto modules first, hybridnas after: registered at once
+    code = ("from transformers import AutoModelForCausalLM; import hybridnas; "
+            "from transformers.models.auto.configuration_auto import CONFIG_MAPPING; "
+            "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING; "
+            "from hybridnas.hf import HybridNASConfig, HybridNASForCausalLM; "
+            "assert 'hybridnas' in CONFIG_MAPPING and MODEL_FOR_CAUSAL_LM_MAPPING[HybridNASConfig] is HybridNASForCausalLM")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    # AutoConfig alone does not load the model classes
+    code = ("import hybridnas, sys; from transformers import AutoConfig; AutoConfig.for_model('hybridnas'); "
+            "assert 'hybridnas.hf' not in sys.modules and 'transformers.modeling_utils' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_generate_continues_from_a_returned_cache_and_beams(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder, model = exported(tmp_path, "AM-")
+    hf = AutoModelForCausalLM.from_pretrained(folder)
+    x = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(2))
+    out = hf.generate(x, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    more = torch.cat([out.sequences, torch.tensor([[7, 8]])], 1)
+    seen = out.cache.get_seq_length()
+    cont = hf.generate(more, cache=out.cache, max_new_tokens=4, do_sample=False)
+    assert torch.equal(cont, model.generate(more, 4))
+    assert out.cache.get_seq_length() == seen + 3 + 3  # the new tokens, then 3 steps: not the prompt again
+    assert hf.generate(x, max_new_tokens=3, num_beams=2, do_sample=False).shape == (1, 8)

@@ -145,7 +145,8 @@ def test_export_rebuilds_the_same_model(runs):
     space = load_space(str(write_space(runs / "tiny.yaml")))
     study = search.run_search(space, quiet=True)
     out = export_best(study, runs / "export")
-    for name in ("architecture.yaml", "config.json", "model.safetensors", "README.md", "optimization_history.png"):
+    for name in ("architecture.yaml", "config.json", "model.safetensors", "README.md", "optimization_history.png",
+                 "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).exists(), name
     model = hybridnas.build_model(out)
     # the reported score is reproduced by the loaded weights

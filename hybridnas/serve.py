@@ -16,7 +16,8 @@ Conversations: every response carries a ``conversation_id``; the decoding state 
 that sends that id back continues the conversation: its prompt is only the new tokens, and only they are run
 (``usage.prompt_tokens``; ``usage.cached_tokens`` counts the tokens the state already covers). The cache keeps at
 most ``cache_bytes`` of state (least recently used evicted first) and drops an entry unused for ``cache_ttl``
-seconds; an unknown or expired id is a 404. One request holds the model at a time.
+seconds; an unknown or expired id is a 404. Requests take turns on the model one token at a time; a client that
+leaves a stream early ends its conversation (its state is not kept).
 
 Errors are JSON ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for a bad request (malformed
 JSON, a missing or mistyped field, a negative count, a prompt past the context limit, an unknown conversation) and
@@ -309,7 +310,7 @@ class Server:
 
     def run(self, req: Completion, conv: str, decoder: Decoder) -> Iterator[tuple[str, int | None, str | None]]:
         """Yield ``(text delta, token or None, finish_reason or None)``; the state goes back to the cache at the
-        end. Holds the model for the whole request."""
+        end."""
         t0 = time.perf_counter()
         cached = decoder.seen
         text = StreamDecoder(self.export.tokenizer)
@@ -320,16 +321,23 @@ class Server:
         try:
             with self.model_lock:
                 decoder.feed(req.ids)
-                self.metrics.prompt_tokens.inc(len(req.ids))
-                for tok in decoder.generate(req.max_tokens, req.sampling, eos_id=eos):
-                    if n == 0:
-                        self.metrics.ttft.observe(time.perf_counter() - t0)
-                    n += 1
-                    self.metrics.generation_tokens.inc()
-                    if tok == eos:
-                        finish = "stop"
-                        break
-                    yield text.push(tok), tok, None
+            self.metrics.prompt_tokens.inc(len(req.ids))
+            tokens = decoder.generate(req.max_tokens, req.sampling, eos_id=eos)
+            while True:
+                # the model is held for one token at a time, never across a yield: a client that stops reading
+                # a stream leaves nothing locked
+                with self.model_lock:
+                    tok = next(tokens, None)
+                if tok is None:
+                    break
+                if n == 0:
+                    self.metrics.ttft.observe(time.perf_counter() - t0)
+                n += 1
+                self.metrics.generation_tokens.inc()
+                if tok == eos:
+                    finish = "stop"
+                    break
+                yield text.push(tok), tok, None
             self.cache.put(conv, decoder)
             yield text.flush(), None, finish
         finally:

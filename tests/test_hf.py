@@ -162,6 +162,10 @@ def test_custom_layers_need_trust_remote_code(tmp_path, monkeypatch):
         assert MODULE in sys.modules
         x = torch.randint(0, 64, (1, 5))
         assert torch.equal(hf(x).logits, model(x))
+        registry.unregister(SYMBOL)
+        sys.modules.pop(MODULE, None)
+        hf = AutoModelForCausalLM.from_pretrained(folder, trust_custom_code=True)  # hybridnas's own spelling
+        assert torch.equal(hf(x).logits, model(x))
     finally:
         if SYMBOL in registry.symbol_map():
             registry.unregister(SYMBOL)

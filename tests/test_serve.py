@@ -270,3 +270,13 @@ def test_serve_bad_arguments_exit_2(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert main(["serve", str(tmp_path / "nope")]) == 2
+
+
+def test_a_client_leaving_mid_stream_frees_the_model(mqar):
+    run, model, _ = mqar
+    with run.client.stream("POST", "/v1/completions", json={"prompt": [1, 2], "max_tokens": 40, "stream": True,
+                                                            "temperature": 0}) as r:
+        next(r.iter_lines())  # one event, then hang up
+    r = httpx.post(f"http://127.0.0.1:{run.port}/v1/completions", json={"prompt": [3], "max_tokens": 2,
+                                                                      "temperature": 0}, timeout=20)
+    assert r.status_code == 200 and r.json()["choices"][0]["tokens"] == greedy(model, [3], 2)

@@ -294,6 +294,19 @@ def _parse_number(text: str | None, name: str, kind: type, default=None):
         raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {text!r}") from None
 
 
+def _device(name: str) -> str:
+    """``--device``: cpu, cuda, cuda:N, or auto (cuda when available)."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available")
+    return name
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from hybridnas.generation import Decoder, Sampling, load_export
     from hybridnas.hf_tokenizer import StreamDecoder
@@ -309,7 +322,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cfg.check()
     except ValueError as e:
         raise ValueError(f"--{str(e).replace('_', '-')}") from None
-    export = load_export(args.export, trust_custom_code=args.trust_custom_code)
+    export = load_export(args.export, trust_custom_code=args.trust_custom_code, device=_device(args.device))
     if args.ids:
         try:
             ids = [int(t) for t in args.prompt.split()]
@@ -361,7 +374,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ValueError(f"hybridnas serve needs the serve extra (pip install -e '.[serve]'): {e}") from None
     serve(args.export, host=args.host, port=port, max_context=max_context, cache_bytes=cache_bytes, cache_ttl=ttl,
-          trust_custom_code=args.trust_custom_code)
+          trust_custom_code=args.trust_custom_code, device=_device(args.device))
     return 0
 
 
@@ -542,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", help="nucleus sampling: the smallest set of tokens with this probability (default 1)")
     s.add_argument("--seed", help="random seed of the sampling")
     s.add_argument("--trust-custom-code", action="store_true", help="import custom layer code the folder names")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("serve", help="serve an export folder: OpenAI-style /v1/completions, /health, /metrics")
@@ -553,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-bytes", help="conversation state cache budget in bytes (default 256 MiB; LRU eviction)")
     s.add_argument("--cache-ttl", help="seconds an unused conversation state is kept (default 600)")
     s.add_argument("--trust-custom-code", action="store_true", help="import custom layer code the folder names")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("bench", help="time a mixer's forward and forward+backward over backends and lengths")

@@ -458,13 +458,14 @@ def make_app(server: Server):
 
 
 def serve(folder: str, *, host: str = "127.0.0.1", port: int = 8000, max_context: int | None = None,
-          cache_bytes: int = 256 << 20, cache_ttl: float = 600.0, trust_custom_code: bool = False) -> None:
+          cache_bytes: int = 256 << 20, cache_ttl: float = 600.0, trust_custom_code: bool = False,
+          device: str = "cpu") -> None:
     """Load ``folder`` and serve it until interrupted."""
     import uvicorn
 
     from hybridnas.generation import load_export
 
-    server = Server(load_export(folder, trust_custom_code=trust_custom_code), max_context=max_context,
+    server = Server(load_export(folder, trust_custom_code=trust_custom_code, device=device), max_context=max_context,
                     cache_bytes=cache_bytes, cache_ttl=cache_ttl)
     print(f"serving {folder} ({server.model_name}) on http://{host}:{port}/v1/completions; context "
           f"{server.max_context} tokens, state cache {cache_bytes} bytes, ttl {cache_ttl:g} s (Ctrl-C stops it)",

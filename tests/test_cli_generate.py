@@ -91,6 +91,7 @@ def test_sampling_is_reproducible_with_a_seed(tmp_path, monkeypatch):
     (["--prompt", "1 x", "--ids"], "--ids"),
     (["--prompt", "300", "--ids"], "outside the vocabulary"),
     (["--prompt", ""], "empty"),
+    (["--prompt", "hi", "--device", "tpu"], "--device must be"),
 ])
 def test_bad_arguments_are_one_line_exit_2(tmp_path, monkeypatch, capsys, argv, message):
     folder, _ = export(tmp_path)

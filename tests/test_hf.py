@@ -190,7 +190,8 @@ def test_registration_in_either_import_order():
             "from transformers.models.auto.configuration_auto import CONFIG_MAPPING; "
             "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING; "
             "from hybridnas.hf import HybridNASConfig, HybridNASForCausalLM; "
-            "assert 'hybridnas' in CONFIG_MAPPING and MODEL_FOR_CAUSAL_LM_MAPPING[HybridNASConfig] is HybridNASForCausalLM")
+            "assert 'hybridnas' in CONFIG_MAPPING; "
+            "assert MODEL_FOR_CAUSAL_LM_MAPPING[HybridNASConfig] is HybridNASForCausalLM")
     subprocess.run([sys.executable, "-c", code], check=True)
     # AutoConfig alone does not load the model classes
     code = ("import hybridnas, sys; from transformers import AutoConfig; AutoConfig.for_model('hybridnas'); "

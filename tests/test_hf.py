@@ -23,8 +23,10 @@ BYTES = TaskSpec("lm", {"path": "data/prose.txt", "tokenizer": "bytes", "seq_len
 SYMBOL, MODULE = "Q", "hybridnas_test_hf_layer"
 
 
-def exported(tmp_path, pattern: str, task: TaskSpec = MQAR, vocab: int = 64, symbols=None, name="export"):
-    arch = ArchConfig(ModelConfig(vocab_size=vocab, d_model=32, pattern=pattern, layers={"A": {"n_heads": 2}}),
+def exported(tmp_path, pattern: str, task: TaskSpec = MQAR, vocab: int = 64, symbols=None, name="export",
+             tie: bool = True):
+    arch = ArchConfig(ModelConfig(vocab_size=vocab, d_model=32, pattern=pattern, layers={"A": {"n_heads": 2}},
+                                  tie_embeddings=tie),
                       task, TrainConfig(steps=3), dict(symbols or {}), "hf")
     torch.manual_seed(0)
     model = HybridLM(arch.model)
@@ -98,6 +100,19 @@ def test_save_pretrained_round_trip_and_sampling(tmp_path):
     out = again(x, labels=x)
     out.loss.backward()
     assert again.embed.weight.grad is not None
+
+
+def test_every_weight_loads_by_name_tied_or_not(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    for tie in (True, False):
+        folder, model = exported(tmp_path, "AM-", tie=tie, name=f"tie{tie}")
+        hf, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+        assert set(hf.state_dict()) == set(model.state_dict())
+        x = torch.randint(0, 64, (1, 5))
+        assert torch.equal(hf(x).logits, model(x))
+        assert torch.equal(hf.generate(x, max_new_tokens=6, do_sample=False), model.generate(x, 6))
 
 
 def test_padding_and_foreign_caches_are_refused(tmp_path):

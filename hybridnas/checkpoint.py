@@ -63,13 +63,23 @@ def layer_type(symbol: str, params: dict[str, Any] | None = None) -> str:
     return "full_attention" if getattr(spec.cls, "state_grows", False) else "linear_attention"
 
 
+def _text_eos(task_params: dict[str, Any]) -> int | None:
+    """The end-of-document id of a text task's tokenizer (256 for bytes), or None when its file is gone."""
+    from hybridnas.tasks.lm import load_tokenizer
+
+    try:
+        return load_tokenizer(task_params.get("tokenizer", "bytes")).eos_id
+    except Exception:  # noqa: BLE001  (a tokenizer file moved or unreadable: no eos, nothing else changes)
+        return None
+
+
 def hf_config(arch: ArchConfig, model: HybridLM | None = None) -> dict[str, Any]:
     """``config.json``: what ``hybridnas.hf.HybridNASConfig`` (and so ``AutoModelForCausalLM``) reads."""
     m = arch.model
     layers = resolved_layers(m)
     symbols = patterns.to_primary(m.pattern)
     seq_len = arch.task.params.get("seq_len")
-    eos = 256 if arch.task.name == "lm" and arch.task.params.get("tokenizer", "bytes") == "bytes" else None
+    eos = _text_eos(arch.task.params) if arch.task.name == "lm" else None
     return {
         "model_type": "hybridnas",
         "architectures": ["HybridNASForCausalLM"],

@@ -79,8 +79,16 @@ def save(out: str | Path, task: str, task_params: dict[str, Any], vocab_size: in
             special = {"eos_token": EOS}
             kind = "bytes"
         elif Path(spec).is_file():
+            from tokenizers import Tokenizer
+
+            from hybridnas.tasks.lm import EOS_NAMES
+
             shutil.copyfile(spec, out / TOKENIZER_FILE)
             kind = "file"
+            vocab = Tokenizer.from_file(spec).get_vocab()
+            eos = next((name for name in EOS_NAMES if name in vocab), None)  # the task's end of document
+            if eos is not None:
+                special = {"eos_token": eos}
         else:
             return False
     else:

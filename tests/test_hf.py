@@ -227,3 +227,21 @@ def test_generate_continues_from_a_returned_cache_and_beams(tmp_path):
     assert torch.equal(cont, model.generate(more, 4))
     assert out.cache.get_seq_length() == seen + 3 + 3  # the new tokens, then 3 steps: not the prompt again
     assert hf.generate(x, max_new_tokens=3, num_beams=2, do_sample=False).shape == (1, 8)
+
+
+def test_a_text_task_tokenizer_file_is_exported_with_its_eos(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["the cat sat on the mat"] * 20,
+                            trainers.BpeTrainer(vocab_size=60, special_tokens=["[UNK]", "</s>"]))
+    path = tmp_path / "tok.json"
+    tok.save(str(path))
+    task = TaskSpec("lm", {"path": "data/prose.txt", "tokenizer": str(path), "seq_len": 32})
+    folder, _ = exported(tmp_path, "AM", task=task, vocab=tok.get_vocab_size())
+    eos = tok.token_to_id("</s>")
+    assert json.loads((folder / CONFIG_FILE).read_text())["eos_token_id"] == eos
+    auto = AutoTokenizer.from_pretrained(folder)
+    assert auto.eos_token_id == eos and auto("the cat")["input_ids"] == tok.encode("the cat").ids

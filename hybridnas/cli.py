@@ -307,6 +307,17 @@ def _device(name: str) -> str:
     return name
 
 
+def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Usage errors of ``parser`` as one line (no usage block), exit 2."""
+
+    def error(message: str):
+        print(f"error: {parser.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from hybridnas.generation import Decoder, Sampling, load_export
     from hybridnas.hf_tokenizer import StreamDecoder
@@ -486,7 +497,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hybridnas", description="Architecture search over hybrid sequence models.")
+    p = _one_line_errors(argparse.ArgumentParser(prog="hybridnas",
+                                                 description="Architecture search over hybrid sequence models."))
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("search", help="run or resume the search a YAML space describes")
@@ -545,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("generate", help="decode from an export folder, printing tokens as they come")
+    s = _one_line_errors(sub.add_parser("generate", help="decode from an export folder, printing tokens as they come"))
     s.add_argument("export", help="export folder (hybridnas export --out DIR)")
     s.add_argument("--prompt", required=True, help="prompt text (needs the folder's tokenizer), or ids with --ids")
     s.add_argument("--ids", action="store_true", help="the prompt is token ids separated by spaces; print ids")
@@ -558,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     s.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("serve", help="serve an export folder: OpenAI-style /v1/completions, /health, /metrics")
+    s = _one_line_errors(sub.add_parser("serve", help="serve an export folder: OpenAI-style /v1/completions, "
+                                                      "/health, /metrics"))
     s.add_argument("export", help="export folder (hybridnas export --out DIR)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", help="port (default 8000)")

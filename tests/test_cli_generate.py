@@ -107,3 +107,13 @@ def test_missing_folder_and_text_without_tokenizer(tmp_path, capsys):
     (tmp_path / "exp" / "tokenizer.json").unlink()
     assert main(["generate", folder, "--prompt", "hi"]) == 2
     assert "--ids" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["generate"], ["generate", "dir"], ["generate", "dir", "--prompt", "x", "--bogus"],
+                                  ["serve"], ["serve", "dir", "--nope"]])
+def test_usage_errors_are_one_line_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: hybridnas")

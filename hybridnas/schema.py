@@ -93,7 +93,8 @@ class ArchConfig:
         out = {"name": self.name}
         if self.symbols:
             out["symbols"] = dict(self.symbols)
-        out["task"] = {"name": self.task.name, **self.task.params}
+        # the task's name is `name` in the file: no task parameter may overwrite it (the `lm` task once did)
+        out["task"] = {"name": self.task.name, **{k: v for k, v in self.task.params.items() if k != "name"}}
         out["model"] = asdict(self.model)
         out["train"] = asdict(self.train)
         return out

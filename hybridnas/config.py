@@ -225,8 +225,8 @@ def _check_layer_option(value: Any, path: PathT, src: Source) -> None:
     elif isinstance(value, float) and not math.isfinite(value):
         raise src.error(path, f"must be a finite number, got {value!r}")
     elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_LAYER_INT:
-        raise src.error(path, f"must be at most {MAX_LAYER_INT} (2^20) in size, the bound on a layer's integer "
-                              f"options, got {value}")
+        raise src.error(path, f"must be within ±{MAX_LAYER_INT} (2^20, the bound on a layer's integer options), "
+                              f"got {value}")
 
 
 def _layer_params_max(spec: registry.LayerSpec, d_model: int, given: dict[str, Any], limit: int = 4096) -> int:

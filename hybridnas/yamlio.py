@@ -87,14 +87,27 @@ def _map_lines(node: yaml.Node, path: PathT, lines: dict[PathT, int], file: str)
 
 def load_text(text: str, file: str = "<config>") -> tuple[Any, Source]:
     """Parse YAML text safely; return the data and a :class:`Source` with each field's line."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+    loader = None
+    try:  # one pass: the node tree gives the lines, and the data are constructed from the same tree
+        loader = yaml.SafeLoader(text)  # checks every character first
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        line = mark.line + 1 if mark is not None else None
+        if mark is not None:
+            line = mark.line + 1
+        elif isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow: its offset, no mark
+            line = text.count("\n", 0, e.position) + 1
+        else:
+            line = None
         problem = getattr(e, "problem", None) or str(e)
+        if isinstance(e, yaml.reader.ReaderError):
+            ch = chr(e.character) if isinstance(e.character, int) else e.character
+            problem = f"character {ch!r} is not allowed in YAML (offset {e.position})"
         raise ConfigError(f"invalid YAML: {problem}", file, line) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     lines: dict[PathT, int] = {}
     if node is not None:
         _map_lines(node, (), lines, file)

@@ -52,6 +52,11 @@ CASES: dict[str, list[tuple[int, dict[str, Any]]]] = {
         (D_MODEL, {"variant": "mamba1", "d_state": 8}),
         (24, {"variant": "mamba1", "d_state": 4, "d_conv": 1, "dt_rank": 3, "expand": 1.5}),
     ],
+    "S": [
+        (D_MODEL, {"d_state": 8}),
+        (D_MODEL, {"d_state": 8, "init": "inv"}),
+        (24, {"d_state": 6, "init": "legs", "dt_min": 0.01, "dt_max": 0.05}),
+    ],
 }
 
 #: symbol -> list of (d_model, params, field named by the LayerConfigError).
@@ -102,6 +107,13 @@ INVALID: dict[str, list[tuple[int, dict[str, Any], str]]] = {
         (32, {"variant": "mamba1", "d_conv": 0}, "d_conv"),
         (32, {"variant": "mamba1", "d_state": 0}, "d_state"),
         (32, {"dt_rank": 4, "headdim": 16}, "dt_rank"),
+    ],
+    "S": [
+        (32, {"d_state": 7}, "d_state"),
+        (32, {"d_state": 0}, "d_state"),
+        (32, {"init": "real"}, "init"),
+        (32, {"dt_min": 0.2, "dt_max": 0.1}, "dt_min"),
+        (32, {"backend": "cuda"}, "backend"),
     ],
 }
 

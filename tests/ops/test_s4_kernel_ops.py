@@ -48,7 +48,8 @@ def run(fn, u, params, state):
     y, s = fn(u, *ssm(params), state)
     g = torch.Generator().manual_seed(9)
     loss = (y * torch.randn(y.shape, generator=g)).sum()
-    loss = loss + (s.real * torch.randn(s.shape, generator=g)).sum() + (s.imag * torch.randn(s.shape, generator=g)).sum()
+    ws = torch.randn(s.shape, dtype=torch.complex64, generator=g)
+    loss = loss + (s.real * ws.real).sum() + (s.imag * ws.imag).sum()
     leaves = [u, *params] + ([state] if state is not None else [])
     return y.detach(), s.detach(), torch.autograd.grad(loss, leaves)
 

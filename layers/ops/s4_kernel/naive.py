@@ -19,8 +19,8 @@ def discretize(dt: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return dA, (dA - 1) / A.to(torch.complex64)
 
 
-def s4d_naive(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, C: torch.Tensor,
-              state: torch.Tensor | None = None, *, want_state: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def s4d_naive(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, C: torch.Tensor, state: torch.Tensor | None = None,
+              *, want_state: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``u (B, T, H)`` real, ``dt (H,)``, ``A, C (H, M)`` complex, ``state (B, H, M)`` complex or None ->
     ``y (B, T, H)`` in u's dtype (the D skip not included) and the state after the last token (complex64), or
     None when ``want_state`` is False."""

@@ -108,7 +108,7 @@ class Mamba(Layer):
         a_floor: float = 1e-4
         a_init_min: float = 1.0
         a_init_max: float = 16.0
-        dt_rank: int | None = None
+        dt_rank: int | None = None  # Mamba-1 only (ignored by the others, as headdim is by Mamba-1)
         backend: str | None = None
 
     def __init__(self, d_model: int, config: Config | None = None, *, layer_idx: int = 0, n_layers: int = 1):
@@ -191,8 +191,6 @@ class Mamba(Layer):
         if c.backend not in (None, "auto", *dispatch.BACKENDS):
             raise LayerConfigError("backend", f"backend must be auto, {', '.join(dispatch.BACKENDS)} or None, "
                                               f"got {c.backend!r}")
-        if c.dt_rank is not None:
-            raise LayerConfigError("dt_rank", "dt_rank (the Δ projection's rank) exists only for variant 'mamba1'")
         if c.variant == "mamba2":
             if c.mimo_rank != 1:
                 raise LayerConfigError("mimo_rank", "mimo_rank > 1 (MIMO) exists only for variant 'mamba3'")

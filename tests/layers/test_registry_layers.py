@@ -106,7 +106,6 @@ INVALID: dict[str, list[tuple[int, dict[str, Any], str]]] = {
         (32, {"variant": "mamba1", "mimo_rank": 2}, "mimo_rank"),
         (32, {"variant": "mamba1", "d_conv": 0}, "d_conv"),
         (32, {"variant": "mamba1", "d_state": 0}, "d_state"),
-        (32, {"dt_rank": 4, "headdim": 16}, "dt_rank"),
     ],
     "S": [
         (32, {"d_state": 7}, "d_state"),

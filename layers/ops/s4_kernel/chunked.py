@@ -27,7 +27,7 @@ from layers.ops.s4_kernel.naive import discretize
 
 def vandermonde(dt: torch.Tensor, A: torch.Tensor, length: int) -> torch.Tensor:
     """``exp(l·Δ_h·A_hm)`` for ``l < length``: ``(H, M, length)`` complex64, the phase reduced in float64."""
-    steps = torch.arange(length, dtype=torch.float64)
+    steps = torch.arange(length, dtype=torch.float64, device=dt.device)
     dtf = dt.to(torch.float32)
     log_mag = (dtf[:, None] * A.real.to(torch.float32))[..., None] * steps.float()
     phase = torch.remainder((dt.to(torch.float64)[:, None] * A.imag.to(torch.float64))[..., None] * steps,
@@ -44,7 +44,7 @@ def s4d_fft(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, C: torch.Tensor,
     uf = u.to(torch.float32).transpose(1, 2)  # (B, H, T)
     if t_len == 0:
         x0 = state.to(torch.complex64) if state is not None else torch.zeros(bsz, h, A.shape[-1],
-                                                                               dtype=torch.complex64)
+                                                                               dtype=torch.complex64, device=u.device)
         return u.new_zeros(bsz, 0, h), (x0 if want_state else None)
     V = vandermonde(dt, A, t_len)  # (H, M, T)
     K = 2 * torch.einsum("hm,hmt->ht", Cc * dB, V).real

@@ -27,7 +27,8 @@ def s4d_naive(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, C: torch.Tenso
     bsz, t_len, h = u.shape
     dA, dB = discretize(dt, A)
     Cc = C.to(torch.complex64)
-    x = state.to(torch.complex64) if state is not None else torch.zeros(bsz, h, A.shape[-1], dtype=torch.complex64)
+    x = state.to(torch.complex64) if state is not None else torch.zeros(bsz, h, A.shape[-1], dtype=torch.complex64,
+                                                                        device=u.device)
     uf = u.to(torch.float32)
     ys = []
     for t in range(t_len):

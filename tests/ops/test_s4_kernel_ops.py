@@ -55,7 +55,7 @@ def run(fn, u, params, state):
 
 
 @pytest.mark.parametrize("init", ["lin", "inv", "legs"])
-@pytest.mark.parametrize("t_len", [1, 6, 17])
+@pytest.mark.parametrize("t_len", [1, 2, 6, 17])
 @pytest.mark.parametrize("carry", [False, True], ids=["zero-state", "carried-state"])
 def test_fft_matches_recurrence_outputs_states_gradients(init, t_len, carry):
     g = torch.Generator().manual_seed(t_len)

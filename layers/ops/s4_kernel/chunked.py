@@ -12,7 +12,7 @@ The Vandermonde phase ``l·Δ·Im A`` is large for S4D-Inv's fast modes (about 1
 and the fp32 product ``(Δ·A)·l`` carries the rounding of ``Δ·A`` times l: against a float64 reference the plain
 complex64 ``exp`` errs by 5-8e-5 (N = 64, Δ in 1e-3…0.1, up to 8192 lags). The phase is therefore formed and
 reduced mod 2π in float64 before the fp32 complex exponential: 2.6e-7.
-Cost
+A single token (a decode step) takes the recurrence. Cost
 ``O(H·M·T)`` for the kernel, ``O(B·H·T log T)`` for the convolution.
 """
 
@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from layers.ops.s4_kernel.naive import discretize
+from layers.ops.s4_kernel.naive import discretize, s4d_naive
 
 
 def vandermonde(dt: torch.Tensor, A: torch.Tensor, length: int) -> torch.Tensor:
@@ -39,6 +39,8 @@ def vandermonde(dt: torch.Tensor, A: torch.Tensor, length: int) -> torch.Tensor:
 def s4d_fft(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, C: torch.Tensor,
             state: torch.Tensor | None = None, *, want_state: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     bsz, t_len, h = u.shape
+    if t_len == 1:  # one decode step: the recurrence is the same sum without the kernel and the FFT
+        return s4d_naive(u, dt, A, C, state, want_state=want_state)
     dA, dB = discretize(dt, A)
     Cc = C.to(torch.complex64)
     uf = u.to(torch.float32).transpose(1, 2)  # (B, H, T)

@@ -16,13 +16,32 @@ from hybridnas.yamlio import ConfigError
 
 
 def _space_or_study(arg: str, storage: str | None) -> tuple[str, str | None]:
-    """STUDY may be a study name or the search-space YAML that made it."""
+    """STUDY may be a study name or the search-space YAML that made it. Only the space's name and its search
+    section's ``study_name`` and ``storage`` are read: nothing it names (custom layers) is imported."""
     if arg.endswith((".yaml", ".yml")) and Path(arg).exists():
-        from hybridnas.config import load_space
+        from hybridnas.validation import check_value
+        from hybridnas.yamlio import load_file
 
-        space = load_space(arg)
-        return space.search.study_name or space.name, storage or space.search.storage
+        data, src = load_file(arg)
+        if not isinstance(data, dict):
+            raise src.error((), "expected a search space: a mapping with name, task, model, train, search")
+        name = check_value(data.get("name") or Path(arg).stem, str, ("name",), src)
+        search_section = data.get("search") or {}
+        if not isinstance(search_section, dict):
+            raise src.error(("search",), "expected a mapping of search settings")
+        study = search_section.get("study_name")
+        url = search_section.get("storage")
+        study = name if study is None else check_value(study, str, ("search", "study_name"), src)
+        url = None if url is None else check_value(url, str, ("search", "storage"), src)
+        return study, storage or url
     return arg, storage
+
+
+def _trusted(args: argparse.Namespace, space=None):
+    """What ``--trust-custom-code`` allows: everything, or else the import paths the user's own space named."""
+    if getattr(args, "trust_custom_code", False):
+        return True
+    return list(space.symbols.values()) if space is not None else False
 
 
 def _check_custom_symbols(space) -> None:
@@ -47,7 +66,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     for path in args.files:
         if args.arch:
-            arch = load_arch(path)
+            arch = load_arch(path, trust_custom_code=args.trust_custom_code)
             print(f"{path}: OK (architecture {arch.model.pattern!r}, d_model {arch.model.d_model})")
             continue
         space = load_space(path)
@@ -113,7 +132,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         summary = run_confirmation(study, top_k, args.confirm_seeds or s.confirm_seeds,
                                    args.confirm_budget or s.confirm_budget, log=(lambda *a: None) if args.quiet
-                                   else print)
+                                   else print, trust_custom_code=_trusted(args, space))
         _print_confirmation(summary)
         confirmed_best = next((c for c in summary["rows"] if c.values), None)
     best = search.best_trial(study)
@@ -134,11 +153,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     if out:
         from hybridnas.export import export_best, export_pareto
 
+        trust = _trusted(args, space)
         if len(study.directions) > 1:
-            path = export_pareto(study, out)
+            path = export_pareto(study, out, trust_custom_code=trust)
             print(f"exported the Pareto front to {path}/")
         else:
-            path = export_best(study, out)
+            path = export_best(study, out, trust_custom_code=trust)
             print(f"exported the best trial to {path}/")
     return 0
 
@@ -216,16 +236,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     name, storage = _space_or_study(args.study, args.storage)
     study = search.load_study(name, storage)
+    trust = _trusted(args)
     if args.pareto:
-        path = export_pareto(study, args.out)
+        path = export_pareto(study, args.out, trust_custom_code=trust)
     elif args.trial is not None:
         matches = [t for t in study.trials if t.number == args.trial]
         if not matches:
             print(f"error: study {name!r} has no trial {args.trial}", file=sys.stderr)
             return 2
-        path = export_trial(study, matches[0], args.out)
+        path = export_trial(study, matches[0], args.out, trust_custom_code=trust)
     else:
-        path = export_best(study, args.out)
+        path = export_best(study, args.out, trust_custom_code=trust)
     print(f"exported to {path}/")
     return 0
 
@@ -264,7 +285,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hybridnas.tasks import build_task
     from hybridnas.trainers import trainer_for
 
-    arch = load_arch(args.arch)
+    arch = load_arch(args.arch, trust_custom_code=args.trust_custom_code)
     if args.steps is not None:
         arch.train.steps = args.steps
     data = build_task(arch.task.name, arch.task.build_config())
@@ -390,6 +411,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+TRUST = ("import the custom layer modules a file or a study's recorded architectures name under `symbols:` "
+         "(importing a module runs its code; only for files you trust)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybridnas", description="Architecture search over hybrid sequence models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -411,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="new seeds per confirmed trial (default: search.confirm_seeds, 1)")
     s.add_argument("--confirm-budget", type=float, metavar="X",
                    help="steps multiplier for confirmation (default: search.confirm_budget, 1)")
+    s.add_argument("--trust-custom-code", action="store_true",
+                   help="confirm and export trials whose recorded layers the space does not name (a shared study); "
+                        + TRUST)
     s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("show", help="print a table of a study's trials")
@@ -426,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trial", type=int, help="trial number (default: the best)")
     s.add_argument("--pareto", action="store_true", help="export every Pareto-optimal trial (multi-objective)")
     s.add_argument("--storage")
+    s.add_argument("--trust-custom-code", action="store_true", help=TRUST)
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("plot", help="write PNG plots of a study")
@@ -448,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-dir", help="TensorBoard log folder")
     s.add_argument("--out", help="save architecture.yaml, config.json and model.safetensors here")
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--trust-custom-code", action="store_true", help=TRUST)
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("bench", help="time a mixer's forward and forward+backward over backends and lengths")
@@ -510,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("validate", help="check search-space YAML files without training anything")
     s.add_argument("files", nargs="+")
     s.add_argument("--arch", action="store_true", help="the files are architecture files, not search spaces")
+    s.add_argument("--trust-custom-code", action="store_true", help=TRUST + " (architecture files; a search space's "
+                                                                           "own layers are always imported)")
     s.set_defaults(func=cmd_validate)
     return p
 

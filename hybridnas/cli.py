@@ -1,4 +1,4 @@
-"""hybridnas search | show | export | plot | dashboard | train | sweep | replay | bench | validate.
+"""hybridnas search | show | export | plot | dashboard | storage-proxy | train | sweep | replay | bench | validate.
 
 Errors a user can fix (bad YAML, unknown study, missing file) print one clear message and exit 2;
 Ctrl-C exits 130 after Optuna has recorded the interrupted trial, so re-running resumes.
@@ -279,6 +279,16 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_storage_proxy(args: argparse.Namespace) -> int:
+    from hybridnas.storage import run_proxy
+
+    try:
+        run_proxy(args.storage, args.host, args.port)
+    except KeyboardInterrupt:
+        print("storage proxy stopped", file=sys.stderr)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from hybridnas.checkpoint import save_checkpoint
     from hybridnas.config import load_arch
@@ -411,6 +421,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+STORAGE = ("Optuna storage: an SQLAlchemy URL (default sqlite:///runs/<study>.db; postgresql://USER:PW@HOST/DB for "
+           "many machines), grpc://HOST:PORT for a `hybridnas storage-proxy`, or a journal file path")
 TRUST = ("import the custom layer modules a file or a study's recorded architectures name under `symbols:` "
          "(importing a module runs its code; only for files you trust)")
 
@@ -421,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="run or resume the search a YAML space describes")
     s.add_argument("space", help="search-space YAML")
-    s.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/<study>.db) or a journal file path")
+    s.add_argument("--storage", help=STORAGE)
     s.add_argument("--study", help="study name (default: the space's search.study_name or name)")
     s.add_argument("--n-trials", type=int, help="total trained trials to reach (default: search.n_trials)")
     s.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
@@ -443,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("show", help="print a table of a study's trials")
     s.add_argument("study", help="study name, or the search-space YAML")
-    s.add_argument("--storage")
+    s.add_argument("--storage", help=STORAGE)
     s.add_argument("--sort", choices=["number", "score"], default="number")
     s.add_argument("--top", type=int, help="only the first N rows")
     s.set_defaults(func=cmd_show)
@@ -453,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--trial", type=int, help="trial number (default: the best)")
     s.add_argument("--pareto", action="store_true", help="export every Pareto-optimal trial (multi-objective)")
-    s.add_argument("--storage")
+    s.add_argument("--storage", help=STORAGE)
     s.add_argument("--trust-custom-code", action="store_true", help=TRUST)
     s.set_defaults(func=cmd_export)
 
@@ -461,15 +473,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("study", help="study name, or the search-space YAML")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--top-fraction", type=float, default=0.25, help="best trials used for the symbol heatmap")
-    s.add_argument("--storage")
+    s.add_argument("--storage", help=STORAGE)
     s.set_defaults(func=cmd_plot)
 
     s = sub.add_parser("dashboard", help="start optuna-dashboard on a study's storage")
     s.add_argument("study", help="study name, or the search-space YAML")
-    s.add_argument("--storage")
+    s.add_argument("--storage", help=STORAGE)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
     s.set_defaults(func=cmd_dashboard)
+
+    s = sub.add_parser("storage-proxy", help="serve an RDB storage to many workers through Optuna's gRPC proxy "
+                                             "(workers then pass --storage grpc://HOST:PORT)")
+    s.add_argument("--storage", required=True, help="the RDB URL behind the proxy (postgresql://..., sqlite:///FILE)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; the proxy "
+                                                       "has no authentication, so only on a trusted network)")
+    s.add_argument("--port", type=int, default=13000)
+    s.set_defaults(func=cmd_storage_proxy)
 
     s = sub.add_parser("train", help="train one architecture YAML and print its metrics")
     s.add_argument("arch", help="architecture YAML (or an export's architecture.yaml)")
@@ -511,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budgets", default="1", help="comma list of step multipliers, first one at every lr (e.g. 1,10)")
     s.add_argument("--long-lrs", choices=["best", "all"], default="best",
                    help="longer budgets at each architecture's best lr (default) or at every lr")
-    s.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/<study>.db) or a journal file path")
+    s.add_argument("--storage", help=STORAGE)
     s.add_argument("--study", help="study name (default: <space name>-sweep)")
     s.add_argument("--max-runs", type=int, help="stop after this many runs in this process")
     s.add_argument("--workers", type=int, default=1, help="local worker processes sharing the study (a journal file "
@@ -556,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ConnectionError) as e:  # ConnectionError: a storage that does not answer
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -203,3 +203,77 @@ def test_the_probe_tells_no_server_from_a_broken_one():
                    lambda url: connect(url, timeout=2))
     assert d.action == "fail" and "is not usable" in d.reason, d
     assert isinstance(d, Decision)
+
+
+# ------------------------------------------------------------------------------------------- a GPU per worker
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """A machine with ``n`` GPUs as far as torch can tell; the parent's CUDA_VISIBLE_DEVICES unset."""
+    import torch
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    def have(n: int) -> None:
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
+    return have
+
+
+def _started_envs(monkeypatch, tmp_path, n: int) -> list[dict]:
+    """The environments ``run_workers`` starts its ``n`` processes with (the processes themselves faked)."""
+    from hybridnas import workers
+
+    started = []
+
+    class Done:
+        returncode = 0
+
+        def __init__(self, cmd, env=None, **kw):
+            started.append(env)
+
+        def poll(self):
+            return 0
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(workers.subprocess, "Popen", Done)
+    monkeypatch.setattr(workers.time, "sleep", lambda s: None)
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE.format(name="gpus"))
+    space = load_space(str(path))
+    url = str(tmp_path / "runs" / "gpus.journal")
+    search.open_study(space, url, "gpus")
+    assert workers.run_workers(space, n, storage=url, study_name="gpus", n_trials=6, quiet=True) == 0
+    assert len(started) == n
+    return started
+
+
+@pytest.mark.parametrize("n_gpus, n_workers, devices", [
+    (4, 2, ["0", "1"]),
+    (4, 6, ["0", "1", "2", "3", "0", "1"]),  # more workers than GPUs: round robin
+    (1, 3, ["0", "0", "0"]),
+])
+def test_each_local_worker_gets_its_own_gpu(gpus, monkeypatch, tmp_path, n_gpus, n_workers, devices):
+    gpus(n_gpus)
+    envs = _started_envs(monkeypatch, tmp_path, n_workers)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == devices
+    assert all(e["HYBRIDNAS_LOCAL_WORKERS"] == str(n_workers) for e in envs)
+
+
+def test_workers_without_gpus_get_no_device_setting(gpus, monkeypatch, tmp_path):
+    gpus(0)
+    assert all("CUDA_VISIBLE_DEVICES" not in e for e in _started_envs(monkeypatch, tmp_path, 2))
+
+
+def test_workers_share_out_the_gpus_they_were_given(gpus, monkeypatch, tmp_path):
+    """Under SLURM or on a shared node the parent sees only some GPUs (CUDA_VISIBLE_DEVICES=2,3: torch counts 2):
+    the workers get those, not physical devices 0 and 1."""
+    gpus(2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    envs = _started_envs(monkeypatch, tmp_path, 3)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["2", "3", "2"]
+    from hybridnas.workers import worker_env
+
+    uuids = {"CUDA_VISIBLE_DEVICES": "GPU-aaaa,GPU-bbbb,GPU-cccc"}
+    assert [worker_env(i, 2, 2, base=uuids)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == ["GPU-aaaa", "GPU-bbbb"]

@@ -441,7 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--export", metavar="DIR", help="export the best trial to DIR when done")
     s.add_argument("--quiet", action="store_true", help="no progress bar or per-trial lines")
     s.add_argument("--workers", type=int, help="local worker processes on this study (default: search.workers)")
-    s.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--worker-index", type=int, metavar="I",
+                   help="run as worker I of many on a shared --storage (a SLURM array task, an indexed Kubernetes "
+                        "Job, `--workers`' children): sampler seed + I, and no confirmation or export at the end "
+                        "(run the command once more without it when all are done)")
     s.add_argument("--confirm-top", type=int, metavar="K",
                    help="re-train the K best on new seeds (default: search.confirm_top, 3; 0 skips)")
     s.add_argument("--confirm-seeds", type=int, metavar="S",

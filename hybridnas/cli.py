@@ -280,8 +280,14 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_storage_proxy(args: argparse.Namespace) -> int:
+    import signal
+
     from hybridnas.storage import run_proxy
 
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # `kill`, a job scheduler or Kubernetes stop it as Ctrl-C does
     try:
         run_proxy(args.storage, args.host, args.port)
     except KeyboardInterrupt:
@@ -579,7 +585,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, ConnectionError) as e:  # ConnectionError: a storage that does not answer
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ConnectionError as e:  # a storage that does not answer (storage.StorageUnavailableError)
+        if isinstance(e, BrokenPipeError):  # `hybridnas show | head`: not a storage problem
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 import typing
+from collections.abc import Collection
 from dataclasses import asdict, fields
 from typing import Any
 
@@ -49,8 +50,8 @@ from hybridnas.yamlio import ConfigError, PathT, Source, load_file, load_text
 
 __all__ = [
     "CONSTRAINTS", "METRICS", "ArchConfig", "ConfigError", "ExportSettings", "ModelConfig", "Range", "SearchSettings",
-    "SearchSpace", "TaskSpec", "TrainConfig", "arch_key", "check_train", "check_value", "load_arch", "load_space",
-    "parse_dataclass", "parse_searchable", "resolved_layers", "value_options",
+    "SearchSpace", "TaskSpec", "TrainConfig", "Trust", "UntrustedCodeError", "arch_key", "check_train", "check_value",
+    "load_arch", "load_space", "parse_dataclass", "parse_searchable", "resolved_layers", "value_options",
 ]
 
 
@@ -64,13 +65,27 @@ def _check_bounds(cls: type, section: str, values: dict[str, Any], src: Source) 
                 raise src.error((section, key), problems[0][1])
 
 
-def _register_symbols(data: Any, src: Source) -> dict[str, str]:
+class UntrustedCodeError(ConfigError):
+    """A file (or a trial's recorded architecture) names custom layer code to import and the caller did not opt in
+    with ``trust_custom_code``: nothing was imported."""
+
+
+Trust = bool | Collection[str]  # True: any import path; a collection: only these import paths; False: none
+
+
+def _trusted(trust: Trust, path: str) -> bool:
+    return trust is True or (not isinstance(trust, bool) and path in trust)
+
+
+def _register_symbols(data: Any, src: Source, trust: Trust = True) -> dict[str, str]:
+    """Register the ``symbols`` section's layers, importing each one's module. Every entry is checked against
+    ``trust`` before anything is imported."""
     registry.new_scope()  # a file's symbols are its own: drop those the file loaded before this one declared
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise src.error(("symbols",), "expected a mapping SYMBOL: package.module:ClassName")
-    out = {}
+    entries = []
     for sym, entry in data.items():
         path = ("symbols", sym)
         aliases: list[str] = []
@@ -83,6 +98,17 @@ def _register_symbols(data: Any, src: Source) -> dict[str, str]:
             entry = entry.get("path")
         if not isinstance(entry, str):
             raise src.error(path, "expected an import path such as 'mypkg.layers:MyMixer'")
+        entries.append((sym, entry, aliases))
+    for sym, entry, _ in entries:
+        if not _trusted(trust, entry):
+            module = entry.partition(":")[0] if ":" in entry else (entry.rpartition(".")[0] or entry)
+            raise UntrustedCodeError(
+                f"names custom layer code to import ({sym} -> {entry}); importing module {module!r} runs its code. "
+                "If you trust this file, pass --trust-custom-code (trust_custom_code=True from Python)",
+                src.file, src.line(("symbols", sym)), ("symbols", sym))
+    out = {}
+    for sym, entry, aliases in entries:
+        path = ("symbols", sym)
         try:
             registry.register_path(str(sym), entry, aliases=tuple(aliases), scoped=True)
         except registry.RegistryError as e:
@@ -417,8 +443,13 @@ def _check_search(search: SearchSettings, src: Source) -> None:
                             + _suggest(key, CONSTRAINTS) + f"; known: {', '.join(CONSTRAINTS)}")
 
 
-def load_space(path: str | None = None, *, text: str | None = None, file: str = "<space>") -> SearchSpace:
-    """Read and fully validate a search-space YAML (from ``path`` or ``text``)."""
+def load_space(path: str | None = None, *, text: str | None = None, file: str = "<space>",
+               trust_custom_code: Trust = True) -> SearchSpace:
+    """Read and fully validate a search-space YAML (from ``path`` or ``text``).
+
+    A search space is the user's own program: the layers its ``symbols`` section names are imported unless
+    ``trust_custom_code`` says otherwise (architecture files, which travel with exported weights, are the other way
+    round: see :func:`load_arch`)."""
     if text is None:
         if path is None:
             raise ValueError("load_space needs a path or text")
@@ -432,7 +463,7 @@ def load_space(path: str | None = None, *, text: str | None = None, file: str = 
     if name is None:
         name = src.file.rsplit("/", 1)[-1].rsplit(".", 1)[0] if src.file else "study"
     name = check_value(name, Name, ("name",), src)
-    symbols = _register_symbols(data.get("symbols"), src)
+    symbols = _register_symbols(data.get("symbols"), src, trust_custom_code)
     task = _parse_task(data.get("task", {"name": "mqar"}), src)
     missing: list[ConfigError] = []
     model = _parse_model_space(data.get("model"), src, _task_vocab(task), searchable=True, missing=missing)
@@ -446,8 +477,12 @@ def load_space(path: str | None = None, *, text: str | None = None, file: str = 
 
 
 def load_arch(path: str | None = None, *, text: str | None = None, file: str = "<arch>",
-              data: Any = None) -> ArchConfig:
-    """Read and validate an architecture file: concrete values only (no lists or ranges)."""
+              data: Any = None, trust_custom_code: Trust = False) -> ArchConfig:
+    """Read and validate an architecture file: concrete values only (no lists or ranges).
+
+    An architecture (an export's ``architecture.yaml``, a trial's recorded ``arch``) may come from anyone, so a
+    custom layer its ``symbols`` section names is imported only when ``trust_custom_code`` is True or lists that
+    import path; otherwise :class:`UntrustedCodeError` is raised before anything is imported."""
     if data is not None:
         src = Source(file)
     elif text is None:
@@ -456,7 +491,7 @@ def load_arch(path: str | None = None, *, text: str | None = None, file: str = "
         data, src = load_text(text, file)
     data = _top(data, src, _ARCH_KEYS)
     name = check_value(data.get("name", "arch"), Name, ("name",), src)
-    symbols = _register_symbols(data.get("symbols"), src)
+    symbols = _register_symbols(data.get("symbols"), src, trust_custom_code)
     task = _parse_task(data.get("task", {"name": "mqar"}), src)
     missing: list[ConfigError] = []
     model_d = _parse_model_space(data.get("model"), src, _task_vocab(task), searchable=False, missing=missing)

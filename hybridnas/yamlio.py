@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,11 +125,24 @@ def load_file(path: str | os.PathLike) -> tuple[Any, Source]:
     return load_text(text, str(p))
 
 
+def _create_temp(folder: Path, name: str) -> tuple[int, Path]:
+    """A new, empty temp file beside the destination, created with mode 0666 so the process umask applies as it
+    does to any file the user writes (0644 under umask 022). ``tempfile.mkstemp`` would make it 0600, and the
+    rename would carry that mode over to the destination."""
+    while True:
+        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and a rename: never half-written."""
+    """Write ``data`` to ``path`` through a temp file in the same folder and a rename: never half-written. The
+    file gets the mode the umask gives a new file."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    fd, tmp = _create_temp(p.parent, p.name)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

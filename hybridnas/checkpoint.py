@@ -24,18 +24,14 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from hybridnas import __version__, patterns, registry
-from hybridnas.config import load_arch
+from hybridnas.config import UntrustedCodeError, load_arch  # noqa: F401 (UntrustedCodeError is re-exported)
 from hybridnas.model import HybridLM
 from hybridnas.schema import ArchConfig, resolved_layers
-from hybridnas.yamlio import atomic_write_bytes, atomic_write_text, dump_yaml, load_file, write_json
+from hybridnas.yamlio import atomic_write_bytes, atomic_write_text, dump_yaml, write_json
 
 ARCH_FILE = "architecture.yaml"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-
-
-class UntrustedCodeError(RuntimeError):
-    """A model folder names code to import (custom layers) and the caller did not pass ``trust_custom_code``."""
 
 
 def complete_arch(arch: ArchConfig) -> ArchConfig:
@@ -136,17 +132,6 @@ def load_weights_into(model: HybridLM, folder: str | Path) -> HybridLM:
     return model
 
 
-def custom_modules(symbols: Any) -> dict[str, str]:
-    """``{symbol: module}`` for each custom layer an architecture's ``symbols`` section would import."""
-    if not isinstance(symbols, dict):
-        return {}
-    out = {}
-    for sym, entry in symbols.items():
-        path = str(entry.get("path") if isinstance(entry, dict) else entry)
-        out[str(sym)] = path.partition(":")[0] if ":" in path else (path.rpartition(".")[0] or path)
-    return out
-
-
 def build_model(path: str | Path, *, device: str | torch.device = "cpu", load_weights: bool = True,
                 trust_custom_code: bool = False) -> HybridLM:
     """Rebuild the model saved in ``path`` (a folder or its architecture.yaml) and load its weights.
@@ -156,14 +141,7 @@ def build_model(path: str | Path, *, device: str | torch.device = "cpu", load_we
     """
     p = Path(path)
     folder = p.parent if p.is_file() else p
-    arch_file = folder / ARCH_FILE
-    data, _ = load_file(arch_file)
-    modules = custom_modules(data.get("symbols")) if isinstance(data, dict) else {}
-    if modules and not trust_custom_code:
-        names = ", ".join(f"{sym} -> {mod}" for sym, mod in modules.items())
-        raise UntrustedCodeError(f"{arch_file} names custom layer code to import ({names}); loading it runs "
-                                 f"that module's code. Pass trust_custom_code=True if you trust this folder.")
-    arch = load_arch(str(arch_file))
+    arch = load_arch(str(folder / ARCH_FILE), trust_custom_code=trust_custom_code)
     model = HybridLM(arch.model)
     if load_weights:
         load_weights_into(model, folder)

@@ -1,4 +1,5 @@
-"""hybridnas search | show | export | plot | dashboard | train | generate | serve | sweep | replay | bench | validate.
+"""hybridnas search | show | export | plot | dashboard | storage-proxy | train | generate | serve | sweep | replay
+| bench | validate.
 
 Errors a user can fix (bad YAML, unknown study, missing file) print one clear message and exit 2;
 Ctrl-C exits 130 after Optuna has recorded the interrupted trial, so re-running resumes.
@@ -16,13 +17,32 @@ from hybridnas.yamlio import ConfigError
 
 
 def _space_or_study(arg: str, storage: str | None) -> tuple[str, str | None]:
-    """STUDY may be a study name or the search-space YAML that made it."""
+    """STUDY may be a study name or the search-space YAML that made it. Only the space's name and its search
+    section's ``study_name`` and ``storage`` are read: nothing it names (custom layers) is imported."""
     if arg.endswith((".yaml", ".yml")) and Path(arg).exists():
-        from hybridnas.config import load_space
+        from hybridnas.validation import check_value
+        from hybridnas.yamlio import load_file
 
-        space = load_space(arg)
-        return space.search.study_name or space.name, storage or space.search.storage
+        data, src = load_file(arg)
+        if not isinstance(data, dict):
+            raise src.error((), "expected a search space: a mapping with name, task, model, train, search")
+        name = check_value(data.get("name") or Path(arg).stem, str, ("name",), src)
+        search_section = data.get("search") or {}
+        if not isinstance(search_section, dict):
+            raise src.error(("search",), "expected a mapping of search settings")
+        study = search_section.get("study_name")
+        url = search_section.get("storage")
+        study = name if study is None else check_value(study, str, ("search", "study_name"), src)
+        url = None if url is None else check_value(url, str, ("search", "storage"), src)
+        return study, storage or url
     return arg, storage
+
+
+def _trusted(args: argparse.Namespace, space=None):
+    """What ``--trust-custom-code`` allows: everything, or else the import paths the user's own space named."""
+    if getattr(args, "trust_custom_code", False):
+        return True
+    return list(space.symbols.values()) if space is not None else False
 
 
 def _check_custom_symbols(space) -> None:
@@ -47,7 +67,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     for path in args.files:
         if args.arch:
-            arch = load_arch(path)
+            arch = load_arch(path, trust_custom_code=args.trust_custom_code)
             print(f"{path}: OK (architecture {arch.model.pattern!r}, d_model {arch.model.d_model})")
             continue
         space = load_space(path)
@@ -113,7 +133,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         summary = run_confirmation(study, top_k, args.confirm_seeds or s.confirm_seeds,
                                    args.confirm_budget or s.confirm_budget, log=(lambda *a: None) if args.quiet
-                                   else print)
+                                   else print, trust_custom_code=_trusted(args, space))
         _print_confirmation(summary)
         confirmed_best = next((c for c in summary["rows"] if c.values), None)
     best = search.best_trial(study)
@@ -134,11 +154,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     if out:
         from hybridnas.export import export_best, export_pareto
 
+        trust = _trusted(args, space)
         if len(study.directions) > 1:
-            path = export_pareto(study, out)
+            path = export_pareto(study, out, trust_custom_code=trust)
             print(f"exported the Pareto front to {path}/")
         else:
-            path = export_best(study, out)
+            path = export_best(study, out, trust_custom_code=trust)
             print(f"exported the best trial to {path}/")
     return 0
 
@@ -216,16 +237,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     name, storage = _space_or_study(args.study, args.storage)
     study = search.load_study(name, storage)
+    trust = _trusted(args)
     if args.pareto:
-        path = export_pareto(study, args.out)
+        path = export_pareto(study, args.out, trust_custom_code=trust)
     elif args.trial is not None:
         matches = [t for t in study.trials if t.number == args.trial]
         if not matches:
             print(f"error: study {name!r} has no trial {args.trial}", file=sys.stderr)
             return 2
-        path = export_trial(study, matches[0], args.out)
+        path = export_trial(study, matches[0], args.out, trust_custom_code=trust)
     else:
-        path = export_best(study, args.out)
+        path = export_best(study, args.out, trust_custom_code=trust)
     print(f"exported to {path}/")
     return 0
 
@@ -258,13 +280,29 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_storage_proxy(args: argparse.Namespace) -> int:
+    import signal
+
+    from hybridnas.storage import run_proxy
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # `kill`, a job scheduler or Kubernetes stop it as Ctrl-C does
+    try:
+        run_proxy(args.storage, args.host, args.port)
+    except KeyboardInterrupt:
+        print("storage proxy stopped", file=sys.stderr)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from hybridnas.checkpoint import save_checkpoint
     from hybridnas.config import load_arch
     from hybridnas.tasks import build_task
     from hybridnas.trainers import trainer_for
 
-    arch = load_arch(args.arch)
+    arch = load_arch(args.arch, trust_custom_code=args.trust_custom_code)
     if args.steps is not None:
         arch.train.steps = args.steps
     data = build_task(arch.task.name, arch.task.build_config())
@@ -496,6 +534,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+STORAGE = ("Optuna storage: an SQLAlchemy URL (default sqlite:///runs/<study>.db; postgresql://USER:PW@HOST/DB for "
+           "many machines), grpc://HOST:PORT for a `hybridnas storage-proxy`, or a journal file path")
+TRUST = ("import the custom layer modules a file or a study's recorded architectures name under `symbols:` "
+         "(importing a module runs its code; only for files you trust)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _one_line_errors(argparse.ArgumentParser(prog="hybridnas",
                                                  description="Architecture search over hybrid sequence models."))
@@ -503,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="run or resume the search a YAML space describes")
     s.add_argument("space", help="search-space YAML")
-    s.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/<study>.db) or a journal file path")
+    s.add_argument("--storage", help=STORAGE)
     s.add_argument("--study", help="study name (default: the space's search.study_name or name)")
     s.add_argument("--n-trials", type=int, help="total trained trials to reach (default: search.n_trials)")
     s.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
@@ -511,18 +555,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--export", metavar="DIR", help="export the best trial to DIR when done")
     s.add_argument("--quiet", action="store_true", help="no progress bar or per-trial lines")
     s.add_argument("--workers", type=int, help="local worker processes on this study (default: search.workers)")
-    s.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--worker-index", type=int, metavar="I",
+                   help="run as worker I of many on a shared --storage (a SLURM array task, an indexed Kubernetes "
+                        "Job, `--workers`' children): sampler seed + I, and no confirmation or export at the end "
+                        "(run the command once more without it when all are done)")
     s.add_argument("--confirm-top", type=int, metavar="K",
                    help="re-train the K best on new seeds (default: search.confirm_top, 3; 0 skips)")
     s.add_argument("--confirm-seeds", type=int, metavar="S",
                    help="new seeds per confirmed trial (default: search.confirm_seeds, 1)")
     s.add_argument("--confirm-budget", type=float, metavar="X",
                    help="steps multiplier for confirmation (default: search.confirm_budget, 1)")
+    s.add_argument("--trust-custom-code", action="store_true",
+                   help="confirm and export trials whose recorded layers the space does not name (a shared study); "
+                        + TRUST)
     s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("show", help="print a table of a study's trials")
     s.add_argument("study", help="study name, or the search-space YAML")
-    s.add_argument("--storage")
+    s.add_argument("--storage", help=STORAGE)
     s.add_argument("--sort", choices=["number", "score"], default="number")
     s.add_argument("--top", type=int, help="only the first N rows")
     s.set_defaults(func=cmd_show)
@@ -532,22 +582,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--trial", type=int, help="trial number (default: the best)")
     s.add_argument("--pareto", action="store_true", help="export every Pareto-optimal trial (multi-objective)")
-    s.add_argument("--storage")
+    s.add_argument("--storage", help=STORAGE)
+    s.add_argument("--trust-custom-code", action="store_true", help=TRUST)
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("plot", help="write PNG plots of a study")
     s.add_argument("study", help="study name, or the search-space YAML")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--top-fraction", type=float, default=0.25, help="best trials used for the symbol heatmap")
-    s.add_argument("--storage")
+    s.add_argument("--storage", help=STORAGE)
     s.set_defaults(func=cmd_plot)
 
     s = sub.add_parser("dashboard", help="start optuna-dashboard on a study's storage")
     s.add_argument("study", help="study name, or the search-space YAML")
-    s.add_argument("--storage")
+    s.add_argument("--storage", help=STORAGE)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
     s.set_defaults(func=cmd_dashboard)
+
+    s = sub.add_parser("storage-proxy", help="serve an RDB storage to many workers through Optuna's gRPC proxy "
+                                             "(workers then pass --storage grpc://HOST:PORT)")
+    s.add_argument("--storage", required=True, help="the RDB URL behind the proxy (postgresql://..., sqlite:///FILE)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; the proxy "
+                                                       "has no authentication, so only on a trusted network)")
+    s.add_argument("--port", type=int, default=13000)
+    s.set_defaults(func=cmd_storage_proxy)
 
     s = sub.add_parser("train", help="train one architecture YAML and print its metrics")
     s.add_argument("arch", help="architecture YAML (or an export's architecture.yaml)")
@@ -555,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-dir", help="TensorBoard log folder")
     s.add_argument("--out", help="save architecture.yaml, config.json and model.safetensors here")
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--trust-custom-code", action="store_true", help=TRUST)
     s.set_defaults(func=cmd_train)
 
     s = _one_line_errors(sub.add_parser("generate", help="decode from an export folder, printing tokens as they come"))
@@ -614,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budgets", default="1", help="comma list of step multipliers, first one at every lr (e.g. 1,10)")
     s.add_argument("--long-lrs", choices=["best", "all"], default="best",
                    help="longer budgets at each architecture's best lr (default) or at every lr")
-    s.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/<study>.db) or a journal file path")
+    s.add_argument("--storage", help=STORAGE)
     s.add_argument("--study", help="study name (default: <space name>-sweep)")
     s.add_argument("--max-runs", type=int, help="stop after this many runs in this process")
     s.add_argument("--workers", type=int, default=1, help="local worker processes sharing the study (a journal file "
@@ -643,6 +703,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("validate", help="check search-space YAML files without training anything")
     s.add_argument("files", nargs="+")
     s.add_argument("--arch", action="store_true", help="the files are architecture files, not search spaces")
+    s.add_argument("--trust-custom-code", action="store_true", help=TRUST + " (architecture files; a search space's "
+                                                                           "own layers are always imported)")
     s.set_defaults(func=cmd_validate)
     return p
 
@@ -658,6 +720,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ConnectionError as e:  # a storage that does not answer (storage.StorageUnavailableError)
+        if isinstance(e, BrokenPipeError):  # `hybridnas show | head`: not a storage problem
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

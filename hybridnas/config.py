@@ -16,7 +16,9 @@ spans fields: patterns, layer parameter combinations, the task's vocabulary, the
 from __future__ import annotations
 
 import itertools
+import math
 import typing
+from collections.abc import Collection
 from dataclasses import asdict, fields
 from typing import Any
 
@@ -24,16 +26,21 @@ from hybridnas import patterns, registry
 from hybridnas.pattern_space import parse_pattern_space
 from hybridnas.schema import (
     CONSTRAINTS,
+    MAX_LAYER_INT,
+    MAX_PARAMS,
+    MAX_VOCAB,
     METRICS,
     ArchConfig,
     ExportSettings,
     ModelConfig,
+    Name,
     Range,
     SearchSettings,
     SearchSpace,
     TaskSpec,
     TrainConfig,
     arch_key,
+    range_values,
     resolved_layers,
     value_options,
 )
@@ -43,27 +50,42 @@ from hybridnas.yamlio import ConfigError, PathT, Source, load_file, load_text
 
 __all__ = [
     "CONSTRAINTS", "METRICS", "ArchConfig", "ConfigError", "ExportSettings", "ModelConfig", "Range", "SearchSettings",
-    "SearchSpace", "TaskSpec", "TrainConfig", "arch_key", "check_train", "check_value", "load_arch", "load_space",
-    "parse_dataclass", "parse_searchable", "resolved_layers", "value_options",
+    "SearchSpace", "TaskSpec", "TrainConfig", "Trust", "UntrustedCodeError", "arch_key", "check_train", "check_value",
+    "load_arch", "load_space", "parse_dataclass", "parse_searchable", "resolved_layers", "value_options",
 ]
 
 
 def _check_bounds(cls: type, section: str, values: dict[str, Any], src: Source) -> None:
     """Every option of every field, checked on its own against the bounds ``cls`` declares for it."""
     for key, value in values.items():
+        # a range's ends are enough: the bounds are intervals, and a range within them has its ends within them
         for opt in value_options(value):
             problems = field_problems(cls, {key: opt})
             if problems:
                 raise src.error((section, key), problems[0][1])
 
 
-def _register_symbols(data: Any, src: Source) -> dict[str, str]:
+class UntrustedCodeError(ConfigError):
+    """A file (or a trial's recorded architecture) names custom layer code to import and the caller did not opt in
+    with ``trust_custom_code``: nothing was imported."""
+
+
+Trust = bool | Collection[str]  # True: any import path; a collection: only these import paths; False: none
+
+
+def _trusted(trust: Trust, path: str) -> bool:
+    return trust is True or (not isinstance(trust, bool) and path in trust)
+
+
+def _register_symbols(data: Any, src: Source, trust: Trust = True) -> dict[str, str]:
+    """Register the ``symbols`` section's layers, importing each one's module. Every entry is checked against
+    ``trust`` before anything is imported."""
     registry.new_scope()  # a file's symbols are its own: drop those the file loaded before this one declared
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise src.error(("symbols",), "expected a mapping SYMBOL: package.module:ClassName")
-    out = {}
+    entries = []
     for sym, entry in data.items():
         path = ("symbols", sym)
         aliases: list[str] = []
@@ -76,6 +98,17 @@ def _register_symbols(data: Any, src: Source) -> dict[str, str]:
             entry = entry.get("path")
         if not isinstance(entry, str):
             raise src.error(path, "expected an import path such as 'mypkg.layers:MyMixer'")
+        entries.append((sym, entry, aliases))
+    for sym, entry, _ in entries:
+        if not _trusted(trust, entry):
+            module = entry.partition(":")[0] if ":" in entry else (entry.rpartition(".")[0] or entry)
+            raise UntrustedCodeError(
+                f"names custom layer code to import ({sym} -> {entry}); importing module {module!r} runs its code. "
+                "If you trust this file, pass --trust-custom-code (trust_custom_code=True from Python)",
+                src.file, src.line(("symbols", sym)), ("symbols", sym))
+    out = {}
+    for sym, entry, aliases in entries:
+        path = ("symbols", sym)
         try:
             registry.register_path(str(sym), entry, aliases=tuple(aliases), scoped=True)
         except registry.RegistryError as e:
@@ -91,6 +124,8 @@ def _parse_task(data: Any, src: Source) -> TaskSpec:
     if not isinstance(data, dict):
         raise src.error(("task",), "expected a mapping with at least 'name' (one of: " + ", ".join(TASKS) + ")")
     name = data.get("name", "mqar")
+    if not isinstance(name, str):  # a mapping or a list is not even hashable: never look it up
+        raise src.error(("task", "name"), f"expected a task name (a string), got {name!r}; known: {', '.join(TASKS)}")
     if name not in TASKS:
         raise src.error(("task", "name"), f"unknown task {name!r}" + _suggest(name, TASKS)
                         + f"; known: {', '.join(TASKS)}")
@@ -103,6 +138,9 @@ def _parse_task(data: Any, src: Source) -> TaskSpec:
         msg = str(e)
         msg = msg[len(e.field) + 2:] if msg.startswith(f"{e.field}: ") else msg
         raise src.error(("task", e.field), msg) from None
+    vocab = getattr(cfg, "vocab_size", None)
+    if isinstance(vocab, int) and vocab > MAX_VOCAB:
+        raise src.error(("task", "vocab_size"), f"must be at most {MAX_VOCAB} (2^24), got {vocab}")
     return TaskSpec(name, asdict(cfg))
 
 
@@ -124,31 +162,143 @@ def _layer_spec(sym: Any, path: PathT, src: Source) -> registry.LayerSpec:
                         + f"; registered: {', '.join(sorted(known))}") from None
 
 
-def _check_layer_combos(d_models: list[int], layers: dict[str, dict[str, Any]], used: set[str], src: Source,
-                        limit: int = 4096) -> None:
-    """Every combination of d_model and a used symbol's parameter options must build (checked, not trained)."""
+def _range_text(r: Range) -> str:
+    parts = [f"low: {r.low!r}", f"high: {r.high!r}"]
+    if r.step is not None:
+        parts.append(f"step: {r.step!r}")
+    if r.log:
+        parts.append("log: true")
+    return "{" + ", ".join(parts) + "}"
+
+
+def _shown(name: str, value: Any, entry: Any) -> str:
+    text = f"{name}={value:.6g}" if isinstance(value, float) else f"{name}={value}"
+    return text + (f" from the range {_range_text(entry)}" if isinstance(entry, Range) else "")
+
+
+def _combos(axes: list[Any], budget: int):
+    """The combinations of the axes' values to check: all of them (every value of each range, :func:`range_values`)
+    when there are at most ``budget``; else each axis swept through all its values while the others take their
+    listed choices and range ends, ``budget`` combinations at most in all."""
+    full = [range_values(a)[0] for a in axes]
+    if math.prod(len(v) for v in full) <= budget:
+        yield from itertools.product(*full)
+        return
+    ends = [value_options(a) for a in axes]
+    per_axis = max(1, budget // len(axes))
+    for i in range(len(axes)):
+        yield from itertools.islice(itertools.product(*(full[j] if j == i else ends[j] for j in range(len(axes)))),
+                                    per_axis)
+
+
+def _check_layer_combos(d_model: Any, layers: dict[str, dict[str, Any]], used: set[str], src: Source,
+                        budget: int = 200_000) -> None:
+    """Every combination of d_model and a used symbol's parameter values must build (checked, not trained).
+
+    A range is checked at every value it can yield, not at its ends: ``n_heads: {low: 2, high: 128}`` at d_model 256
+    is refused for its 3. A continuous float range yields every real number between its ends, so it is checked at
+    512 of them: an option that must divide something (``M.expand`` against ``headdim``) fails there."""
     from layers.base import LayerConfigError
 
     for sym in sorted(used):
         spec = registry.get(sym)
-        opts = {k: value_options(v) for k, v in layers.get(sym, {}).items()}
-        keys = list(opts)
-        combos = list(itertools.islice(itertools.product(*(opts[k] for k in keys)), limit))
-        for d in d_models:
-            for combo in combos:
-                params = dict(zip(keys, combo))
-                try:
-                    spec.cls.check_config(d, spec.make_config(params))
-                except LayerConfigError as e:
-                    fld = e.field if e.field in spec.cls.config_fields() else None
-                    path = ("model", "layers", sym, fld) if fld and fld in layers.get(sym, {}) else ("model", "d_model")
-                    if fld and fld not in layers.get(sym, {}):
-                        path = ("model", "layers", sym) if sym in layers else ("model", "d_model")
-                    shown = ", ".join(f"{sym}.{k}={v}" for k, v in params.items())
-                    raise src.error(path, f"impossible combination: {e} (d_model={d}{', ' if shown else ''}{shown})") \
-                        from None
-                except (TypeError, ValueError) as e:
-                    raise src.error(("model", "layers", sym), f"invalid parameters for {sym}: {e}") from None
+        given = layers.get(sym, {})
+        keys = list(given)
+        entries = [d_model, *(given[k] for k in keys)]
+        for d, *values in _combos(entries, budget):
+            params = dict(zip(keys, values))
+            try:
+                spec.cls.check_config(d, spec.make_config(params))
+            except LayerConfigError as e:
+                fld = e.field if e.field in spec.cls.config_fields() else None
+                # ranges (layer options first, then d_model), those whose value here is not one of their ends first
+                ranged = [(("model", "layers", sym, k), given[k], params[k]) for k in keys
+                          if isinstance(given[k], Range)] + ([(("model", "d_model"), d_model, d)]
+                                                             if isinstance(d_model, Range) else [])
+                ranged.sort(key=lambda r: r[2] in (r[1].low, r[1].high))
+                path: PathT
+                if fld in given and (isinstance(given[fld], (list, Range)) or not ranged):
+                    path = ("model", "layers", sym, fld)  # the field the layer names, as written
+                elif ranged:
+                    path = ranged[0][0]  # the layer names a fixed field, but a range's value made the difference
+                elif fld in given:
+                    path = ("model", "layers", sym, fld)
+                elif fld is not None and sym in layers:
+                    path = ("model", "layers", sym)
+                else:
+                    path = ("model", "d_model")
+                shown = ", ".join([_shown("d_model", d, d_model)]
+                                  + [_shown(f"{sym}.{k}", v, given[k]) for k, v in params.items()])
+                hint = ""
+                if any(isinstance(r, Range) and isinstance(r.low, float) and r.step is None
+                       for r in (d_model, *given.values())):
+                    hint = ("; a {low, high} range of floats yields every value between its ends: give a list of "
+                            "choices or a step")
+                raise src.error(path, f"impossible combination: {e} ({shown}){hint}") from None
+            except (TypeError, ValueError, ArithmeticError) as e:
+                raise src.error(("model", "layers", sym), f"invalid parameters for {sym}: {e}") from None
+
+
+def _check_layer_option(value: Any, path: PathT, src: Source) -> None:
+    """What every layer option must be, whatever the layer: a finite number, an integer within
+    :data:`~hybridnas.schema.MAX_LAYER_INT`. (The layer's own rules are :func:`_check_layer_combos`'.)"""
+    if isinstance(value, Range):
+        for k in ("low", "high"):
+            _check_layer_option(getattr(value, k), path + (k,), src)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_layer_option(v, path + (i,), src)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise src.error(path, f"must be a finite number, got {value!r}")
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_LAYER_INT:
+        raise src.error(path, f"must be within ±{MAX_LAYER_INT} (2^20, the bound on a layer's integer options), "
+                              f"got {value}")
+
+
+def _layer_params_max(spec: registry.LayerSpec, d_model: int, given: dict[str, Any], limit: int = 4096) -> int:
+    """The largest parameter count of one ``spec`` layer at ``d_model`` over its listed choices and range ends."""
+    keys = list(given)
+    best = 0
+    for combo in itertools.islice(itertools.product(*(value_options(given[k]) for k in keys)), limit):
+        try:
+            best = max(best, int(spec.param_count(d_model, dict(zip(keys, combo)))))
+        except (TypeError, ValueError, ArithmeticError):
+            continue  # an impossible combination is _check_layer_combos' to report
+    return best
+
+
+def _check_param_count(out: dict[str, Any], src: Source) -> None:
+    """The largest candidate's parameter count, from the layers' formulas (nothing is built), must stay within
+    :data:`~hybridnas.schema.MAX_PARAMS`."""
+    pats = out["pattern"]
+    d = max(int(v) for v in value_options(out.get("d_model", ModelConfig.d_model)))
+    vocab = max(int(v) for v in value_options(out.get("vocab_size", ModelConfig.vocab_size)))
+    untied = not all(value_options(out.get("tie_embeddings", True)))
+    layers = out.get("layers", {})
+    per_layer: dict[str, int] = {}
+
+    def layer(sym: str) -> int:
+        if sym not in per_layer:
+            per_layer[sym] = _layer_params_max(registry.get(sym), d, layers.get(sym, {}))
+        return per_layer[sym]
+
+    if hasattr(pats, "used_symbols"):
+        n = max(int(v) for v in value_options(pats.length))
+        blocks = n * max(layer(sym) for sym in pats.used_symbols())
+        shown = f"{n} layers"
+    else:
+        counts = []
+        for p in (pats if isinstance(pats, list) else [pats]):
+            syms = patterns.layer_symbols(p)
+            counts.append((sum(layer(sym) for sym in syms), len(syms), p))
+        blocks, n, p = max(counts)
+        shown = f"pattern {p!r}"
+    total = vocab * d * (2 if untied else 1) + blocks + (n + 1) * d
+    if total > MAX_PARAMS:
+        path = ("model", "d_model") if ("model", "d_model") in src.lines else ("model",)
+        raise src.error(path, f"the largest candidate ({shown}, d_model {d}, vocab_size {vocab}) has {total:.3g} "
+                              f"parameters, more than the {MAX_PARAMS:.0e} a search builds; make d_model, the layer "
+                              "sizes or the pattern smaller")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,8 +320,14 @@ def _top(data: Any, src: Source, allowed: list[str]) -> dict:
     return data
 
 
-def _parse_model_space(data: Any, src: Source, task_vocab: int, searchable: bool) -> dict[str, Any]:
-    if data is None:
+def _parse_model_space(data: Any, src: Source, task_vocab: int, searchable: bool,
+                       missing: list[ConfigError]) -> dict[str, Any]:
+    """The model section, checked. A missing section or pattern (required: no default architecture stands in for
+    it) goes to ``missing``, which the caller raises once every other section has been checked."""
+    absent = data is None
+    if absent:
+        missing.append(src.error(("model",), "missing required section 'model' (at least its pattern: a layer pattern "
+                                             "such as 'MMMA', a list of them, {genome: ...} or {ratio: ...})"))
         data = {}
     if not isinstance(data, dict):
         raise src.error(("model",), "expected a mapping of model fields (d_model, pattern, layers, ...)")
@@ -216,6 +372,7 @@ def _parse_model_space(data: Any, src: Source, task_vocab: int, searchable: bool
                                         + _suggest(pk, lnames) + f"; known: {', '.join(lnames)}")
                     entry[pk] = (parse_searchable(pv, lhints[pk], ppath, src) if searchable
                                  else check_value(pv, lhints[pk], ppath, src))
+                    _check_layer_option(entry[pk], ppath, src)
             out[key] = layers
         else:
             out[key] = parse_searchable(value, hints[key], path, src) if searchable else \
@@ -226,15 +383,23 @@ def _parse_model_space(data: Any, src: Source, task_vocab: int, searchable: bool
         if v < task_vocab:
             raise src.error(("model", "vocab_size"), f"vocab_size {v} is smaller than the task's vocabulary "
                             f"({task_vocab})")
-    pats = out.get("pattern", ModelConfig.pattern)
+    if "pattern" not in out:
+        if not absent:
+            missing.append(src.error(("model", "pattern"), "missing required key 'pattern' (a layer pattern such as "
+                                                           "'MMMA', a list of them, {genome: ...} or {ratio: ...})"))
+        # the layers given are checked all the same: their errors come first, the missing pattern after them
+        _check_layer_combos(out.get("d_model", ModelConfig.d_model), out.get("layers", {}),
+                            set(out.get("layers", {})), src)
+        return out
+    pats = out["pattern"]
     used = set()
     if hasattr(pats, "used_symbols"):
         used.update(pats.used_symbols())
     else:
         for p in (pats if isinstance(pats, list) else [pats]):
             used.update(patterns.used_symbols(p))
-    d_models = [int(d) for d in value_options(out.get("d_model", ModelConfig.d_model))]
-    _check_layer_combos(d_models, out.get("layers", {}), used, src)
+    _check_layer_combos(out.get("d_model", ModelConfig.d_model), out.get("layers", {}), used, src)
+    _check_param_count(out, src)
     return out
 
 
@@ -278,8 +443,13 @@ def _check_search(search: SearchSettings, src: Source) -> None:
                             + _suggest(key, CONSTRAINTS) + f"; known: {', '.join(CONSTRAINTS)}")
 
 
-def load_space(path: str | None = None, *, text: str | None = None, file: str = "<space>") -> SearchSpace:
-    """Read and fully validate a search-space YAML (from ``path`` or ``text``)."""
+def load_space(path: str | None = None, *, text: str | None = None, file: str = "<space>",
+               trust_custom_code: Trust = True) -> SearchSpace:
+    """Read and fully validate a search-space YAML (from ``path`` or ``text``).
+
+    A search space is the user's own program: the layers its ``symbols`` section names are imported unless
+    ``trust_custom_code`` says otherwise (architecture files, which travel with exported weights, are the other way
+    round: see :func:`load_arch`)."""
     if text is None:
         if path is None:
             raise ValueError("load_space needs a path or text")
@@ -292,20 +462,27 @@ def load_space(path: str | None = None, *, text: str | None = None, file: str = 
     name = data.get("name")
     if name is None:
         name = src.file.rsplit("/", 1)[-1].rsplit(".", 1)[0] if src.file else "study"
-    name = check_value(name, str, ("name",), src)
-    symbols = _register_symbols(data.get("symbols"), src)
+    name = check_value(name, Name, ("name",), src)
+    symbols = _register_symbols(data.get("symbols"), src, trust_custom_code)
     task = _parse_task(data.get("task", {"name": "mqar"}), src)
-    model = _parse_model_space(data.get("model"), src, _task_vocab(task), searchable=True)
+    missing: list[ConfigError] = []
+    model = _parse_model_space(data.get("model"), src, _task_vocab(task), searchable=True, missing=missing)
     train = _parse_train_space(data.get("train"), src, searchable=True)
     search = parse_dataclass(SearchSettings, data.get("search"), ("search",), src)
     _check_search(search, src)
     export = parse_dataclass(ExportSettings, data.get("export"), ("export",), src)
+    if missing:
+        raise missing[0]
     return SearchSpace(name, task, model, train, search, export, symbols, src, text)
 
 
 def load_arch(path: str | None = None, *, text: str | None = None, file: str = "<arch>",
-              data: Any = None) -> ArchConfig:
-    """Read and validate an architecture file: concrete values only (no lists or ranges)."""
+              data: Any = None, trust_custom_code: Trust = False) -> ArchConfig:
+    """Read and validate an architecture file: concrete values only (no lists or ranges).
+
+    An architecture (an export's ``architecture.yaml``, a trial's recorded ``arch``) may come from anyone, so a
+    custom layer its ``symbols`` section names is imported only when ``trust_custom_code`` is True or lists that
+    import path; otherwise :class:`UntrustedCodeError` is raised before anything is imported."""
     if data is not None:
         src = Source(file)
     elif text is None:
@@ -313,11 +490,12 @@ def load_arch(path: str | None = None, *, text: str | None = None, file: str = "
     else:
         data, src = load_text(text, file)
     data = _top(data, src, _ARCH_KEYS)
-    name = check_value(data.get("name", "arch"), str, ("name",), src)
-    symbols = _register_symbols(data.get("symbols"), src)
+    name = check_value(data.get("name", "arch"), Name, ("name",), src)
+    symbols = _register_symbols(data.get("symbols"), src, trust_custom_code)
     task = _parse_task(data.get("task", {"name": "mqar"}), src)
-    model_d = _parse_model_space(data.get("model"), src, _task_vocab(task), searchable=False)
-    model = ModelConfig(**model_d)
+    missing: list[ConfigError] = []
+    model_d = _parse_model_space(data.get("model"), src, _task_vocab(task), searchable=False, missing=missing)
     train_d = _parse_train_space(data.get("train"), src, searchable=False)
-    train = TrainConfig(**train_d)
-    return ArchConfig(model, task, train, symbols, name)
+    if missing:
+        raise missing[0]
+    return ArchConfig(ModelConfig(**model_d), task, TrainConfig(**train_d), symbols, name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,11 @@ def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
     return out[:k]
 
 
-def run_confirmation(study: optuna.Study, top_k: int, seeds: int, budget: float, *, log=print) -> dict[str, Any]:
+def run_confirmation(study: optuna.Study, top_k: int, seeds: int, budget: float, *, log=print,
+                     trust_custom_code: bool | Collection[str] = False) -> dict[str, Any]:
+    """Re-train the top ``top_k`` distinct trials on ``seeds`` new seeds at ``budget`` times their steps (runs already
+    recorded are kept). A trial's recorded architecture is rebuilt with ``trust_custom_code`` (see
+    :func:`hybridnas.config.load_arch`): the search passes the import paths its own space named."""
     from hybridnas.checkpoint import save_checkpoint
     from hybridnas.config import load_arch
     from hybridnas.tasks import build_task
@@ -64,7 +69,8 @@ def run_confirmation(study: optuna.Study, top_k: int, seeds: int, budget: float,
     trials = top_trials(study, top_k)
     data_cache: dict[str, Any] = {}
     for t in trials:
-        arch = load_arch(data=t.user_attrs["arch"], file=f"study {study.study_name} trial {t.number}")
+        arch = load_arch(data=t.user_attrs["arch"], file=f"study {study.study_name} trial {t.number}",
+                         trust_custom_code=trust_custom_code)
         base_seed, base_steps = arch.train.seed, arch.train.steps
         for s in range(seeds):
             key = f"confirm/{t.number}/{s}"

@@ -35,7 +35,7 @@ from hybridnas.checkpoint import (  # noqa: F401 (the checkpoint names export us
     save_checkpoint,
     save_weights,
 )
-from hybridnas.config import load_arch
+from hybridnas.config import Trust, load_arch
 from hybridnas.model import HybridLM
 from hybridnas.schema import ArchConfig, resolved_layers
 from hybridnas.yamlio import atomic_write_bytes, atomic_write_text, write_json
@@ -122,13 +122,19 @@ def model_card(arch: ArchConfig, trial, study, metrics: dict[str, Any], n_params
 
 
 def export_trial(study, trial, out_dir: str | Path, *, retrain_if_missing: bool = True, log=print,
-                 weights_dir: str | None = None, confirmed: dict[str, Any] | None = None) -> Path:
-    """Write the export folder for ``trial``: weights from its checkpoint, or retrained when absent."""
+                 weights_dir: str | None = None, confirmed: dict[str, Any] | None = None,
+                 trust_custom_code: Trust = False) -> Path:
+    """Write the export folder for ``trial``: weights from its checkpoint, or retrained when absent.
+
+    The trial's recorded architecture may name custom layer code (a study in a shared storage is anyone's): it is
+    imported only as ``trust_custom_code`` allows (True, or the import paths the caller already trusts), else
+    :class:`~hybridnas.config.UntrustedCodeError` before anything is imported or written."""
     out = Path(out_dir)
     arch_dict = trial.user_attrs.get("arch")
     if arch_dict is None:
         raise ValueError(f"trial {trial.number} has no recorded architecture (was it made by hybridnas search?)")
-    arch = load_arch(data=arch_dict, file=f"study {study.study_name} trial {trial.number}")
+    arch = load_arch(data=arch_dict, file=f"study {study.study_name} trial {trial.number}",
+                     trust_custom_code=trust_custom_code)
     weights_dir = weights_dir or trial.user_attrs.get("weights")
     metrics = dict(trial.user_attrs.get("metrics", {}))
     if confirmed:

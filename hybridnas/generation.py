@@ -150,15 +150,13 @@ def load_export(folder: str, *, trust_custom_code: bool = False, device: str = "
     from pathlib import Path
 
     from hybridnas import hf_tokenizer
-    from hybridnas.checkpoint import ARCH_FILE, CONFIG_FILE, UntrustedCodeError, build_model
+    from hybridnas.checkpoint import ARCH_FILE, CONFIG_FILE, build_model
 
     p = Path(folder)
     if not (p / ARCH_FILE).is_file():
         raise FileNotFoundError(f"{folder}: not an export folder (no {ARCH_FILE}); make one with hybridnas export")
-    try:
-        model = build_model(p, device=device, trust_custom_code=trust_custom_code)
-    except UntrustedCodeError as e:
-        raise ValueError(f"{e} (command line: --trust-custom-code)") from None
+    # custom layer code without trust_custom_code: UntrustedCodeError, a one-line ConfigError naming file and line
+    model = build_model(p, device=device, trust_custom_code=trust_custom_code)
     config_file = p / CONFIG_FILE
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     return Export(str(folder), model.eval(), hf_tokenizer.load(p), config)

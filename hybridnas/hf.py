@@ -36,7 +36,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from hybridnas import registry
-from hybridnas.checkpoint import ARCH_FILE, CONFIG_FILE, UntrustedCodeError, custom_modules
+from hybridnas.checkpoint import ARCH_FILE, CONFIG_FILE, UntrustedCodeError
 from hybridnas.hf_config import HybridNASConfig, register_config
 from hybridnas.model import HybridLM, _layer_params
 from hybridnas.yamlio import load_file
@@ -149,6 +149,13 @@ class HybridNASPreTrainedModel(PreTrainedModel):
         return False  # the model builds its own HybridNASCache on the first forward
 
 
+def custom_modules(symbols: Any) -> dict[str, str]:
+    """``{symbol: import path}`` of each custom layer a ``symbols`` / ``custom_symbols`` mapping names."""
+    if not isinstance(symbols, dict):
+        return {}
+    return {str(sym): str(entry.get("path") if isinstance(entry, dict) else entry) for sym, entry in symbols.items()}
+
+
 def _folder_symbols(path: Any, config: Any) -> dict[str, str]:
     """Custom layer import paths a folder (or a given config) names: config.json's ``custom_symbols`` and
     architecture.yaml's ``symbols``."""
@@ -221,8 +228,9 @@ class HybridNASForCausalLM(HybridNASPreTrainedModel, GenerationMixin):
             if not trust:
                 names = ", ".join(f"{s} -> {m}" for s, m in symbols.items())
                 raise UntrustedCodeError(
-                    f"{pretrained_model_name_or_path} names custom layer code to import ({names}); loading it runs "
-                    "that module's code. Pass trust_remote_code=True if you trust this folder.")
+                    f"names custom layer code to import ({names}); loading it runs that code. Pass "
+                    "trust_remote_code=True (or trust_custom_code=True) if you trust this folder",
+                    str(Path(str(pretrained_model_name_or_path)) / CONFIG_FILE), None, ("custom_symbols",))
             config = kwargs.get("config")
             if isinstance(config, HybridNASConfig) and config.custom_symbols:
                 _register_custom(config.custom_symbols)

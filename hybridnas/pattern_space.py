@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hybridnas import registry
+from hybridnas.patterns import MAX_LAYERS
 from hybridnas.schema import value_options
 from hybridnas.validation import parse_searchable, suggest
 from hybridnas.yamlio import PathT, Source
@@ -94,10 +95,20 @@ def _symbols(value: Any, path: PathT, src: Source) -> list[str]:
 
 def _lengths(value: Any, path: PathT, src: Source) -> Any:
     length = parse_searchable(value, int, path, src)
-    opts = value_options(length, limit=10**6)
+    opts = value_options(length)  # a range's ends (or its values): bounds first, so a huge range is never listed
     if min(opts) < 1:
         raise src.error(path, f"lengths must be at least 1, got {min(opts)}")
+    if max(opts) > MAX_LAYERS:
+        raise src.error(path, f"a pattern has at most {MAX_LAYERS} layers, got length {max(opts)}")
     return length
+
+
+def _mapping(value: Any, path: PathT, src: Source, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise src.error(path, f"expected a mapping {what}, got {value!r}")
+    return value
 
 
 def parse_pattern_space(value: dict, path: PathT, src: Source) -> GenomeSpace | RatioSpace:
@@ -121,18 +132,18 @@ def parse_pattern_space(value: dict, path: PathT, src: Source) -> GenomeSpace | 
         if key not in body:
             raise src.error(p, f"missing required key {key!r}")
     length = _lengths(body["length"], p + ("length",), src)
-    lengths = value_options(length, limit=10**6)
+    lengths = value_options(length, limit=MAX_LAYERS)
     if kind == "genome":
         symbols = _symbols(body["symbols"], p + ("symbols",), src)
         positions: dict[int, list[str]] = {}
-        for k, v in (body.get("positions") or {}).items():
+        for k, v in _mapping(body.get("positions"), p + ("positions",), src, "POSITION: SYMBOLS").items():
             if not isinstance(k, int) or isinstance(k, bool):
                 raise src.error(p + ("positions", k), f"a position is an integer index, got {k!r}")
             if k >= min(lengths) or k < -min(lengths):
                 raise src.error(p + ("positions", k), f"position {k} is outside the shortest length {min(lengths)}")
             positions[k] = _symbols(v, p + ("positions", k), src)
         counts: dict[str, tuple[int, int | None]] = {}
-        for sym, bounds in (body.get("counts") or {}).items():
+        for sym, bounds in _mapping(body.get("counts"), p + ("counts",), src, "SYMBOL: {min, max}").items():
             bp = p + ("counts", sym)
             primary = _symbols(str(sym), bp, src)[0]
             if isinstance(bounds, int) and not isinstance(bounds, bool):
@@ -150,7 +161,7 @@ def parse_pattern_space(value: dict, path: PathT, src: Source) -> GenomeSpace | 
         if sum(lo for lo, _ in counts.values()) > max(lengths):
             raise src.error(p + ("counts",), f"the minimum counts add up to more than the longest length "
                                              f"({max(lengths)})")
-        for n in lengths:  # every length must admit at least one pattern
+        for n in (lengths if counts else []):  # every length must admit at least one pattern (no bounds: any does)
             try:
                 repair_genome([space.allowed_at(i, n)[0] for i in range(n)], space)
             except RepairError as e:
@@ -160,7 +171,7 @@ def parse_pattern_space(value: dict, path: PathT, src: Source) -> GenomeSpace | 
     if len(base) != 1:
         raise src.error(p + ("base",), "the base is one layer symbol")
     shares: dict[str, Any] = {}
-    for sym, share in (body.get("shares") or {}).items():
+    for sym, share in _mapping(body.get("shares"), p + ("shares",), src, "SYMBOL: share").items():
         sp = p + ("shares", sym)
         primary = _symbols(str(sym), sp, src)[0]
         v = parse_searchable(share, float, sp, src)

@@ -10,6 +10,10 @@ Whitespace is ignored anywhere. ``(MMMA)x4`` expands to 16 symbols. Aliases (``*
 ``M-M-M-M*-...`` render back unchanged; the canonical form maps every alias to its primary symbol.
 
 Symbols come from the registry, never from this file: a symbol registered at run time is usable at once.
+
+Size limits, checked before anything is expanded: at most :data:`MAX_CHARS` characters (refused before parsing, so
+a 5 MB string costs nothing), groups nested at most :data:`MAX_DEPTH` deep, and at most :data:`MAX_LAYERS` layers
+once expanded, computed arithmetically as each group closes (``((A)x100)x100`` is refused at its second ``x100``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_LAYERS = 4096
+#: longest pattern string: every layer written out, with a space between
+MAX_CHARS = 4 * MAX_LAYERS
+#: deepest nesting of groups
+MAX_DEPTH = 32
 
 
 class PatternError(ValueError):
@@ -29,8 +37,12 @@ class PatternError(ValueError):
         self.pattern = pattern
         self.position = position
         if position is not None:
-            caret = " " * position + "^"
-            message = f"{message}\n  {pattern}\n  {caret}"
+            shown, at = pattern, position
+            if len(pattern) > 100:  # a window around the position, not the whole string
+                lo = max(0, position - 40)
+                shown = ("…" if lo else "") + pattern[lo:position + 40] + ("…" if position + 40 < len(pattern) else "")
+                at = position - lo + (1 if lo else 0)
+            message = f"{message}\n  {shown}\n  {' ' * at}^"
         super().__init__(message)
 
 
@@ -79,6 +91,8 @@ def parse(pattern: str, symbols: dict[str, str] | None = None) -> tuple[Node, ..
     """
     if not isinstance(pattern, str):
         raise PatternError(f"a pattern must be a string, got {type(pattern).__name__}", str(pattern))
+    if len(pattern) > MAX_CHARS:  # before anything else: a long string is never parsed, let alone expanded
+        raise PatternError(f"a pattern of {len(pattern)} characters; at most {MAX_CHARS} are allowed", "")
     known = _known_symbols(symbols)
     pos = 0
     n = len(pattern)
@@ -93,6 +107,8 @@ def parse(pattern: str, symbols: dict[str, str] | None = None) -> tuple[Node, ..
 
     def parse_seq(depth: int, open_pos: int | None) -> list[Node]:
         nonlocal pos
+        if depth > MAX_DEPTH:  # one Python frame per level: refused long before the recursion limit
+            raise PatternError(f"groups nest more than {MAX_DEPTH} deep (at position {open_pos})", "")
         items: list[Node] = []
         while True:
             skip_ws()
@@ -119,10 +135,19 @@ def parse(pattern: str, symbols: dict[str, str] | None = None) -> tuple[Node, ..
                     pos += 1
                 if digits_start == pos:
                     raise fail("missing repeat count after 'x'", min(pos, n - 1))
-                count = int(pattern[digits_start:pos])
+                digits = pattern[digits_start:pos].lstrip("0") or "0"
+                if len(digits) > len(str(MAX_LAYERS)):  # int() of thousands of digits is slow, then refused
+                    raise PatternError(f"repeat count of {len(digits)} digits at position {digits_start}: a pattern "
+                                       f"has at most {MAX_LAYERS} layers", "")
+                count = int(digits)
                 if count < 1:
                     raise fail("repeat count must be at least 1", digits_start)
-                items.append(Group(tuple(inner), count))
+                group = Group(tuple(inner), count)
+                layers = _count((group,))
+                if layers > MAX_LAYERS:
+                    raise PatternError(f"the group at position {start} expands to {layers} layers; at most "
+                                       f"{MAX_LAYERS} are allowed", "")
+                items.append(group)
             elif ch == ")":
                 if depth == 0:
                     raise fail("unbalanced ')': no matching '('", pos)

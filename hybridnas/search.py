@@ -12,7 +12,9 @@ already completed one is not retrained: it reuses that value and says so (``dupl
 
 Budgets (``search.constraints``) become Optuna constraints (``trial.set_constraint``; feasible when <= 0).
 They are known before training, so an infeasible candidate is recorded (PRUNED, ``infeasible``) and never
-trained. One objective keeps pruning; several objectives give a Pareto front and no pruning.
+trained. The parameter count comes from the layers' formulas, so a candidate over the ``params`` budget is
+recorded infeasible before its model is built (nothing allocated); decode-state bytes and throughput are measured
+on the built model. One objective keeps pruning; several objectives give a Pareto front and no pruning.
 
 ``n_trials`` counts trials that trained (:func:`counts_toward_budget`); infeasible, duplicate, repaired and
 invalid proposals (:func:`bookkeeping`) are counted apart and capped per run (:func:`proposal_cap`).
@@ -42,6 +44,7 @@ from hybridnas.ladder import ladder_from, ladder_trainer
 from hybridnas.model import HybridLM
 from hybridnas.schema import (
     CONSTRAINTS,
+    MAX_PARAMS,
     ArchConfig,
     ModelConfig,
     Range,
@@ -368,6 +371,9 @@ class Objective:
         except (ValueError, TypeError) as e:
             return self._fail(trial, "invalid_config", str(e))
         trial.set_user_attr("params", n_params)
+        if n_params > MAX_PARAMS:  # the loader bounds the space's largest candidate; this is the sampled one's
+            return self._fail(trial, "invalid_config", f"{n_params:.3g} parameters, more than the {MAX_PARAMS:.0e} "
+                                                       "a search builds")
         dup = self._duplicate(trial, key)
         if dup is not None:
             trial.set_user_attr("duplicate_of", dup.number)
@@ -393,6 +399,23 @@ class Objective:
             trial.set_user_attr("tokens_per_s", tps)
         return measured
 
+    def _constrain(self, trial: optuna.Trial, measured: dict[str, float], done: set[str]) -> None:
+        """Set the Optuna constraint of every budget ``measured`` holds; a broken one makes the trial infeasible
+        (PRUNED with ``infeasible``, never trained). Called with the formula budgets before the model is built, then
+        with the measured ones: each budget is set once (``done`` holds those set)."""
+        violations = []
+        for name, bound in self.space.search.constraints.items():
+            if name not in measured or name in done:
+                continue
+            value = measured[name] - bound if CONSTRAINTS[name] == "max" else bound - measured[name]
+            trial.set_constraint(name, float(value))
+            done.add(name)
+            if value > 0:
+                violations.append(f"{name}={measured[name]:.4g} vs {CONSTRAINTS[name]} {bound:.4g}")
+        if violations:
+            trial.set_user_attr("infeasible", "; ".join(violations))
+            raise optuna.TrialPruned("infeasible before training: " + "; ".join(violations))
+
     def _train(self, trial: optuna.Trial, arch: ArchConfig, n_params: int, t0: float) -> float | list[float]:
         from hybridnas.trainers import trainer_for
 
@@ -413,18 +436,12 @@ class Objective:
 
         hparams = {"pattern": arch.model.pattern, **{k: v for k, v in trial.params.items() if k != "pattern"}}
         try:
+            done: set[str] = set()
+            self._constrain(trial, {"params": n_params}, done)  # from the formulas: nothing built for a broken budget
             torch.manual_seed(arch.train.seed)  # the initial weights follow the trial's seed, not the process
             model = HybridLM(arch.model)
             measured = self._budgets(trial, arch, model, n_params)
-            violations = []
-            for name, bound in self.space.search.constraints.items():
-                value = measured[name] - bound if CONSTRAINTS[name] == "max" else bound - measured[name]
-                trial.set_constraint(name, float(value))
-                if value > 0:
-                    violations.append(f"{name}={measured[name]:.4g} vs {CONSTRAINTS[name]} {bound:.4g}")
-            if violations:
-                trial.set_user_attr("infeasible", "; ".join(violations))
-                raise optuna.TrialPruned("infeasible before training: " + "; ".join(violations))
+            self._constrain(trial, measured, done)
             trial.set_user_attr("threads", arch.train.threads or torch.get_num_threads())
             result = train(arch, self.data, on_eval=on_eval, model=model,
                            log_dir=str(Path(RUNS_DIR) / self.study_name / "tb" / f"trial-{trial.number:05d}"),

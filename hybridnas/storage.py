@@ -1,9 +1,18 @@
-"""Where studies live: SQLite by default, a journal file for several local workers, any SQLAlchemy URL.
+"""Where studies live: SQLite by default, a journal file for several local workers, any SQLAlchemy URL, or Optuna's
+gRPC storage proxy (``grpc://host:port``) in front of an RDB for many workers.
 
-Both RDB and journal storages get heartbeats: a worker that dies (``kill -9``, a lost machine) stops beating,
-and the next worker to ask for a trial marks its trial FAIL and enqueues a retry with the same parameters
-(Optuna's ``RetryHeartbeatStaleTrialCallback``). Optuna's journal storage has no heartbeat of its own;
-:class:`HeartbeatJournalStorage` adds one, stored as a trial system attribute.
+Every storage but the in-memory one gets heartbeats: a worker that dies (``kill -9``, a lost machine) stops
+beating, and the next worker to ask for a trial marks its trial FAIL and enqueues a retry with the same parameters
+(Optuna's ``RetryHeartbeatStaleTrialCallback``). RDB storages beat in their own table. Optuna's journal storage and
+its gRPC proxy client have no heartbeat of their own: :class:`SystemAttrHeartbeat` adds one, stored as a trial
+system attribute (:data:`BEAT_ATTR`).
+
+RDB engines are made with ``pool_pre_ping``: a PostgreSQL server (or a proxy or firewall in between) drops idle
+connections, and a worker that trained for an hour would otherwise find its pooled connection dead when it reports.
+
+The heartbeat rests on Optuna's private ``optuna.storages._heartbeat.BaseHeartbeat`` (Optuna has no public way to
+give a storage a heartbeat): pyproject.toml pins Optuna's major version, and tests/test_storage_proxy.py fails with
+a clear message if the symbol or its methods change.
 """
 
 from __future__ import annotations
@@ -12,35 +21,47 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
-from optuna.storages import JournalStorage
-from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages import GrpcStorageProxy, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
+try:
+    from optuna.storages._heartbeat import BaseHeartbeat
+except ImportError as e:  # pragma: no cover - only with an Optuna outside pyproject's pin
+    raise ImportError(f"hybridnas needs optuna.storages._heartbeat.BaseHeartbeat, which optuna {optuna.__version__} "
+                      "does not have: install the Optuna version pyproject.toml pins (pip install 'optuna>=5.0,<6')"
+                      ) from e
+
 RUNS_DIR = "runs"
-_BEAT = "hybridnas:heartbeat"
+BEAT_ATTR = "hybridnas:heartbeat"
+GRPC_DEFAULT_PORT = 13000
+StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
 
 
-class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
-    """A journal-file storage whose running trials beat every ``heartbeat_interval`` seconds."""
+class StorageUnavailableError(ConnectionError):
+    """Nothing answers at a storage's address (a gRPC proxy that is not running)."""
 
-    def __init__(self, path: str, heartbeat_interval: int, grace_period: int,
-                 stale_callback: Callable[[optuna.Study, FrozenTrial], None] | None):
-        super().__init__(optuna.storages.journal.JournalFileBackend(path))
+
+class SystemAttrHeartbeat(BaseHeartbeat):
+    """Heartbeats for a storage that has none of its own: each running trial's last beat is a system attribute;
+    a RUNNING trial whose last beat (or start) is older than ``grace_period`` seconds is stale."""
+
+    def _init_heartbeat(self, heartbeat_interval: int, grace_period: int, stale_callback: StaleCallback | None):
         self._hb_interval = heartbeat_interval
         self._grace = grace_period
         self._stale_callback = stale_callback
 
     def record_heartbeat(self, trial_id: int) -> None:
-        self.set_trial_system_attr(trial_id, _BEAT, time.time())
+        self.set_trial_system_attr(trial_id, BEAT_ATTR, time.time())
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         now = time.time()
         stale = []
         for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            last = t.system_attrs.get(_BEAT)
+            last = t.system_attrs.get(BEAT_ATTR)
             if last is None and t.datetime_start is not None:
                 last = t.datetime_start.timestamp()
             if last is not None and now - last > self._grace:
@@ -50,8 +71,25 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     def get_heartbeat_interval(self) -> int | None:
         return self._hb_interval
 
-    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+    def get_heartbeat_stale_trial_callback(self) -> StaleCallback | None:
         return self._stale_callback
+
+
+class HeartbeatJournalStorage(JournalStorage, SystemAttrHeartbeat):
+    """A journal-file storage whose running trials beat every ``heartbeat_interval`` seconds."""
+
+    def __init__(self, path: str, heartbeat_interval: int, grace_period: int, stale_callback: StaleCallback | None):
+        super().__init__(optuna.storages.journal.JournalFileBackend(path))
+        self._init_heartbeat(heartbeat_interval, grace_period, stale_callback)
+
+
+class HeartbeatGrpcStorageProxy(GrpcStorageProxy, SystemAttrHeartbeat):
+    """A client of ``hybridnas storage-proxy`` (Optuna's gRPC proxy) whose running trials beat like a journal's."""
+
+    def __init__(self, host: str, port: int, heartbeat_interval: int, grace_period: int,
+                 stale_callback: StaleCallback | None):
+        super().__init__(host=host, port=port)
+        self._init_heartbeat(heartbeat_interval, grace_period, stale_callback)
 
 
 def _retry_callback() -> Callable[[optuna.Study, FrozenTrial], None]:
@@ -64,22 +102,90 @@ def is_url(storage: str) -> bool:
     return "://" in storage
 
 
-def make_storage(url: str, heartbeat_interval: int = 30, grace_period: int = 120) -> optuna.storages.BaseStorage:
-    """SQLAlchemy URL -> RDB storage; ``:memory:`` -> in-memory (a replay); anything else is a journal file path.
-    RDB and journal storages get heartbeats."""
+def is_grpc(storage: str) -> bool:
+    return storage.startswith("grpc://")
+
+
+def grpc_address(url: str) -> tuple[str, int]:
+    """``grpc://HOST[:PORT]`` -> (host, port); the port defaults to Optuna's 13000."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or GRPC_DEFAULT_PORT
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None or parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"storage {url!r}: a gRPC storage proxy is named grpc://HOST:PORT (e.g. grpc://127.0.0.1:13000)")
+    return parts.hostname, port
+
+
+def _grpc_storage(url: str, heartbeat_interval: int, grace_period: int, connect_timeout: float) -> GrpcStorageProxy:
+    host, port = grpc_address(url)
+    try:
+        import grpc  # noqa: F401 (Optuna imports it lazily: fail here, with the fix)
+    except ImportError:
+        raise ImportError("--storage grpc://... needs grpcio: pip install -e '.[grpc]'") from None
+    st = HeartbeatGrpcStorageProxy(host, port, heartbeat_interval, grace_period, _retry_callback())
+    try:
+        st.wait_server_ready(timeout=connect_timeout)
+    except ConnectionError:
+        st.close()
+        raise StorageUnavailableError(
+            f"no Optuna storage proxy answers at grpc://{host}:{port} within {connect_timeout:g} s; start one in front "
+            f"of the study's database with `hybridnas storage-proxy --storage URL --host HOST --port {port}`") from None
+    return st
+
+
+def rdb_storage(url: str, heartbeat_interval: int = 30, grace_period: int = 120) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats and pre-pinged connections (PostgreSQL drops idle ones)."""
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+                                          heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                          heartbeat_stale_trial_callback=_retry_callback())
+
+
+def make_storage(url: str, heartbeat_interval: int = 30, grace_period: int = 120, *,
+                 connect_timeout: float = 30.0) -> optuna.storages.BaseStorage:
+    """SQLAlchemy URL -> RDB storage; ``grpc://host:port`` -> a client of a ``hybridnas storage-proxy`` (waiting up
+    to ``connect_timeout`` seconds for it to answer); ``:memory:`` -> in-memory (a replay); anything else is a
+    journal file path. All but the in-memory one get heartbeats."""
     if url == ":memory:":
         return optuna.storages.InMemoryStorage()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
+        if is_grpc(url):
+            return _grpc_storage(url, heartbeat_interval, grace_period, connect_timeout)
         if is_url(url):
-            if url.startswith("sqlite:///"):
-                Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-            engine_kwargs = {"pool_pre_ping": True} if url.startswith("postgresql") else None
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                                              grace_period=grace_period,
-                                              heartbeat_stale_trial_callback=_retry_callback())
+            return rdb_storage(url, heartbeat_interval, grace_period)
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         return HeartbeatJournalStorage(url, heartbeat_interval, grace_period, _retry_callback())
+
+
+def shown_url(url: str) -> str:
+    """``url`` with any password masked, for printing."""
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@", 1)
+    return url
+
+
+def run_proxy(url: str, host: str = "127.0.0.1", port: int = GRPC_DEFAULT_PORT, *, log=print) -> None:
+    """Serve the RDB storage at ``url`` to ``grpc://host:port`` clients until interrupted (Optuna's
+    ``run_grpc_proxy_server``). Many workers then hold one connection each to the proxy instead of to the
+    database, and share the proxy's cache of finished trials."""
+    if not is_url(url) or is_grpc(url):
+        raise ValueError(f"storage-proxy --storage {url!r}: the proxy serves an RDB URL (sqlite:///FILE, "
+                         "postgresql://USER:PW@HOST/DB, mysql://...); Optuna's proxy cannot serve a journal file")
+    backend = optuna.storages.get_storage(rdb_storage(url))  # cached, as Optuna advises for the proxy
+    log(f"Optuna storage proxy for {shown_url(url)} on grpc://{host}:{port} (Ctrl-C stops it)", flush=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        try:
+            optuna.storages.run_grpc_proxy_server(backend, host=host, port=port)
+        except RuntimeError as e:  # grpc: "Failed to bind to address ..."
+            raise ValueError(f"storage-proxy cannot listen on {host}:{port}: {e}") from None
 
 
 def default_storage(study_name: str, workers: int = 1) -> str:

@@ -126,7 +126,7 @@ def _peel(tp: Any) -> tuple[Any, list[Any], bool]:
         if origin is Annotated:
             tp = args[0]
             for m in args[1:]:
-                meta.extend(m if isinstance(m, at.GroupedMetadata) else [m])
+                meta.extend([m, *m] if isinstance(m, at.Interval) else m if isinstance(m, at.GroupedMetadata) else [m])
         elif origin in (Union, types.UnionType) and type(None) in args:
             nullable = True
             rest = tuple(a for a in args if a is not type(None))
@@ -161,19 +161,22 @@ def _expected(tp: Any, nullable: bool) -> str:
     return name + (" or null" if nullable and tp is not type(None) else "")
 
 
-def _bounds(meta: list[Any]) -> str:
+def _bounds(meta: list[Any], kind: str = "") -> str:
+    """How a bound reads: an ``Interval`` as a whole (``in [0, 1]``); otherwise the side ``kind`` broke (a lower
+    bound such as ``positive``, or an upper bound written apart from it, ``at most 65536``)."""
+    interval = next((m for m in meta if isinstance(m, at.Interval)), None)
     lo = next((m for m in meta if isinstance(m, (at.Gt, at.Ge))), None)
     hi = next((m for m in meta if isinstance(m, (at.Lt, at.Le))), None)
-    if lo is not None and hi is not None:
+    if interval is not None and lo is not None and hi is not None:
         left = f"({lo.gt}" if isinstance(lo, at.Gt) else f"[{lo.ge}"
         right = f"{hi.lt})" if isinstance(hi, at.Lt) else f"{hi.le}]"
         return f"in {left}, {right}"
+    if hi is not None and (kind in ("less_than", "less_than_equal") or lo is None):
+        return f"< {hi.lt}" if isinstance(hi, at.Lt) else f"at most {hi.le}"
     if isinstance(lo, at.Gt):
         return "positive" if lo.gt == 0 else f"> {lo.gt}"
     if isinstance(lo, at.Ge):
         return ">= 0" if lo.ge == 0 else f"at least {lo.ge}"
-    if hi is not None:
-        return f"< {hi.lt}" if isinstance(hi, at.Lt) else f"<= {hi.le}"
     return "within its bounds"
 
 
@@ -199,7 +202,7 @@ def _format(root: Any, err: dict[str, Any]) -> tuple[tuple, str]:
     if kind in _TYPE_ERRORS:
         return loc, f"expected {_expected(tp, nullable)}, got {value!r}"
     if kind in _BOUND_ERRORS:
-        return loc, f"must be {_bounds(meta)}{' or null' if nullable else ''}, got {value}"
+        return loc, f"must be {_bounds(meta, kind)}{' or null' if nullable else ''}, got {value}"
     if kind == "predicate_failed":
         pred = next(m for m in meta if isinstance(m, at.Predicate))
         return loc, f"must be {pred.func.__doc__}, got {value!r}"

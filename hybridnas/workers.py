@@ -1,10 +1,11 @@
 """``hybridnas search --workers N``: N local processes on one study.
 
 Each worker is ``hybridnas search SPACE --storage URL --study NAME --worker-index i`` (so any other machine
-can join the same study by running the same command against a shared PostgreSQL URL). Workers get distinct
-sampler seeds (Optuna's advice for parallel TPE), one GPU each where there are GPUs, their share of the cores
-(:func:`worker_env`; torch threads per :func:`hybridnas.runtime.torch_threads`) and a log file under
-``runs/<study>/workers/``. The trial cap is global: every worker stops once ``n_trials`` trials have trained.
+can join the same study by running the same command against a shared PostgreSQL URL; ``deploy/`` has SLURM and
+Kubernetes templates that do). Workers get distinct sampler seeds (Optuna's advice for parallel TPE), one GPU each
+where there are GPUs (of those this process may use), their share of the cores (:func:`worker_env`; torch
+threads per :func:`hybridnas.runtime.torch_threads`) and a log file under ``runs/<study>/workers/``. The trial cap
+is global: every worker stops once ``n_trials`` trials have trained.
 """
 
 from __future__ import annotations
@@ -34,13 +35,25 @@ def worker_command(space_file: str, storage: str, study: str, n_trials: int, ind
     return cmd
 
 
+def visible_gpus(gpus: int, env: dict[str, str] | os._Environ) -> list[str]:
+    """The ``gpus`` devices this process can use, as CUDA_VISIBLE_DEVICES entries a child can be given: the
+    parent's own CUDA_VISIBLE_DEVICES entries where it has them (SLURM, a shared node: ``2,3``, or GPU UUIDs),
+    else ``0 .. gpus-1``."""
+    own = [d.strip() for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if own and len(own) >= gpus:
+        return own[:gpus]  # CUDA stops at the first entry it cannot use: torch counted the ones before it
+    return [str(i) for i in range(gpus)]
+
+
 def worker_env(index: int, n: int, gpus: int = 0, base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment of worker ``index`` of ``n`` local ones: how many share the cores (each takes its share of
-    torch threads, :func:`hybridnas.runtime.torch_threads`) and, where there are GPUs, which one it uses."""
+    torch threads, :func:`hybridnas.runtime.torch_threads`) and, where there are ``gpus`` GPUs, which one it uses
+    (round robin over :func:`visible_gpus` when there are more workers than GPUs)."""
     env = dict(os.environ if base is None else base)
     env[LOCAL_WORKERS_ENV] = str(n)
     if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+        devices = visible_gpus(gpus, env)
+        env["CUDA_VISIBLE_DEVICES"] = devices[index % len(devices)]
     return env
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,14 +87,27 @@ def _map_lines(node: yaml.Node, path: PathT, lines: dict[PathT, int], file: str)
 
 def load_text(text: str, file: str = "<config>") -> tuple[Any, Source]:
     """Parse YAML text safely; return the data and a :class:`Source` with each field's line."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+    loader = None
+    try:  # one pass: the node tree gives the lines, and the data are constructed from the same tree
+        loader = yaml.SafeLoader(text)  # checks every character first
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        line = mark.line + 1 if mark is not None else None
+        if mark is not None:
+            line = mark.line + 1
+        elif isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow: its offset, no mark
+            line = text.count("\n", 0, e.position) + 1
+        else:
+            line = None
         problem = getattr(e, "problem", None) or str(e)
+        if isinstance(e, yaml.reader.ReaderError):
+            ch = chr(e.character) if isinstance(e.character, int) else e.character
+            problem = f"character {ch!r} is not allowed in YAML (offset {e.position})"
         raise ConfigError(f"invalid YAML: {problem}", file, line) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     lines: dict[PathT, int] = {}
     if node is not None:
         _map_lines(node, (), lines, file)
@@ -112,11 +125,24 @@ def load_file(path: str | os.PathLike) -> tuple[Any, Source]:
     return load_text(text, str(p))
 
 
+def _create_temp(folder: Path, name: str) -> tuple[int, Path]:
+    """A new, empty temp file beside the destination, created with mode 0666 so the process umask applies as it
+    does to any file the user writes (0644 under umask 022). ``tempfile.mkstemp`` would make it 0600, and the
+    rename would carry that mode over to the destination."""
+    while True:
+        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and a rename: never half-written."""
+    """Write ``data`` to ``path`` through a temp file in the same folder and a rename: never half-written. The
+    file gets the mode the umask gives a new file."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    fd, tmp = _create_temp(p.parent, p.name)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -1,4 +1,4 @@
-"""Mamba mixers, symbol ``M``: Mamba-3 (default; SISO, or MIMO with ``mimo_rank > 1``) and Mamba-2.
+"""Mamba mixers, symbol ``M``: Mamba-3 (default; SISO, or MIMO with ``mimo_rank > 1``), Mamba-2 and Mamba-1.
 
 Mamba-3 (Lahoti et al., ICLR 2026; block of ``state-spaces/mamba`` ``Mamba3``): no short conv, no in_proj bias::
 
@@ -16,8 +16,16 @@ Mamba-2 (``mamba_ssm`` ``Mamba2``, ngroups 1)::
     z, xBC, dd_dt = in_proj(u);  x, B, C = silu(causal depthwise conv(xBC))
     y = SSD(x, Δ, A = -exp(A_log), B, C) + D·x;   out = out_proj(RMSNorm(y ⊙ silu(z)) · w)
 
+Mamba-1 (``mamba_ssm`` ``Mamba``, "S6"; ``variant: mamba1``)::
+
+    x, z = in_proj(u);  x = silu(causal depthwise conv(x))
+    dt_low, B, C = x_proj(x);  Δ = softplus(dt_proj(dt_low))          (dt_proj has the bias)
+    y = selective_scan(x, Δ, A = -exp(A_log), B, C) + D·x;   out = out_proj(y ⊙ silu(z))
+    A is per channel and per state (di, N), S4D-Real init A = -(1..N); the scan is ``layers.ops.selective_scan``.
+
 Sizes: ``di = int(expand·d)``, ``H = di / headdim``, ``P = headdim``, ``N = d_state``, ``R = mimo_rank``,
-``S = num_rope_angles = (int(N·rope_fraction) rounded down to even) / 2``, ``conv_dim = di + 2N``, ``K = d_conv``.
+``S = num_rope_angles = (int(N·rope_fraction) rounded down to even) / 2``, ``conv_dim = di + 2N``, ``K = d_conv``,
+Mamba-1 ``r = dt_rank`` (None: ``ceil(d / 16)``).
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ from layers.base import Layer, LayerConfigError, require_at_least, require_posit
 from layers.ops import dispatch
 from layers.ops.mamba2 import ssd
 from layers.ops.mamba3 import mamba3, pairs_adjacent
+from layers.ops.selective_scan import selective_scan
+
+VARIANTS = ("mamba3", "mamba2", "mamba1")
 
 
 def heavy_tail(u: torch.Tensor) -> torch.Tensor:
@@ -52,18 +63,23 @@ def num_rope_angles(d_state: int, rope_fraction: float) -> int:
 
 
 class Mamba(Layer):
-    """Mamba-3 / Mamba-2 mixer (see the module docstring for the equations).
+    """Mamba-3 / Mamba-2 / Mamba-1 mixer (see the module docstring for the equations).
 
     Shapes: ``x (B, T, d)`` -> ``(B, T, d)``.
     Parameters, Mamba-3: ``d·(2di + 2RN + 3H + S) + 2H (dt_bias, D) + 2HRN (B_bias, C_bias) + 2N (B/C norm
     weights) + [3HRP (W_x, W_z, W_o) if R > 1] + di·d``.
     Parameters, Mamba-2: ``d·(2di + 2N + H) + conv_dim·(K + 1) + 3H (dt_bias, A_log, D) + di (norm) + di·d``.
+    Parameters, Mamba-1: ``2d·di + di·(K + 1) (conv) + di·(r + 2N) (x_proj) + r·di + di (dt_proj) + di·N (A_log)
+    + di (D) + di·d``; ``headdim`` is not used.
     Init: in_proj normal(0, 0.02); out_proj normal(0, out_init_std()); dt_bias = softplus⁻¹(dt), dt log-uniform in
     ``[dt_min, dt_max]`` floored at ``dt_init_floor``; D = 1; Mamba-3 B/C biases = 1, W_x = W_o = 1/R, W_z = 1;
-    Mamba-2 A = U(a_init_min, a_init_max), conv as PyTorch's default (uniform ±1/sqrt(K)).
+    Mamba-2 A = U(a_init_min, a_init_max), conv as PyTorch's default (uniform ±1/sqrt(K)); Mamba-1 A_log[d, n] =
+    log(n + 1) (S4D-Real), dt_proj.bias = softplus⁻¹(dt) as above, dt_proj.weight U(±r^-1/2), x_proj U(±di^-1/2)
+    (PyTorch's Linear default), conv as Mamba-2's.
 
     Decoding state: Mamba-3 ``{"angle" (B, H, S) fp32, "ssm" (B, H, P, N) fp32, "k" (B, R, H, N), "v" (B, H, P)}``;
-    Mamba-2 ``{"conv" (B, conv_dim, K - 1), "ssm" (B, H, P, N) fp32}``. Fixed size.
+    Mamba-2 ``{"conv" (B, conv_dim, K - 1), "ssm" (B, H, P, N) fp32}``; Mamba-1 ``{"conv" (B, di, K - 1),
+    "ssm" (B, di, N) fp32}``. Fixed size.
 
     MIMO computes in a basis where the rotate-half pairs ``(i, i + N/2)`` are adjacent (``adjacent_pairs``): B, C
     and their norm weights and biases are reordered while small (before the per-head bias spreads them over heads)
@@ -92,6 +108,7 @@ class Mamba(Layer):
         a_floor: float = 1e-4
         a_init_min: float = 1.0
         a_init_max: float = 16.0
+        dt_rank: int | None = None  # Mamba-1 only (ignored by the others, as headdim is by Mamba-1)
         backend: str | None = None
 
     def __init__(self, d_model: int, config: Config | None = None, *, layer_idx: int = 0, n_layers: int = 1):
@@ -102,6 +119,9 @@ class Mamba(Layer):
         self.rank = cfg.mimo_rank if cfg.variant == "mamba3" else 1
         self.chunk = cfg.chunk_size or max(64 // self.rank, 8)
         h, n, r, p, di = self.nheads, self.d_state, self.rank, self.headdim, self.d_inner
+        if cfg.variant == "mamba1":
+            self._init_mamba1(d_model)
+            return
         self.dt_bias = nn.Parameter(torch.empty(h))
         self.D = nn.Parameter(torch.empty(h))
         if cfg.variant == "mamba3":
@@ -124,6 +144,23 @@ class Mamba(Layer):
         self.out_proj = nn.Linear(di, d_model, bias=False)
         self.reset_parameters()
 
+    def _init_mamba1(self, d_model: int) -> None:
+        di, n, k = self.d_inner, self.d_state, self.config.d_conv
+        self.dt_rank = self._dt_rank(d_model, self.config)
+        self.splits = [di, di]  # x, z
+        self.in_proj = nn.Linear(d_model, 2 * di, bias=False)
+        self.conv = nn.Conv1d(di, di, k, groups=di, bias=True)
+        self.x_proj = nn.Linear(di, self.dt_rank + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, di, bias=True)
+        self.A_log = nn.Parameter(torch.empty(di, n))
+        self.D = nn.Parameter(torch.empty(di))
+        self.out_proj = nn.Linear(di, d_model, bias=False)
+        self.reset_parameters()
+
+    @staticmethod
+    def _dt_rank(d_model: int, cfg: Config) -> int:
+        return cfg.dt_rank if cfg.dt_rank is not None else math.ceil(d_model / 16)
+
     @staticmethod
     def _dims(d_model: int, cfg: Config) -> tuple[int, int, int]:
         d_inner = int(cfg.expand * d_model)
@@ -134,11 +171,14 @@ class Mamba(Layer):
     def check_config(cls, d_model: int, config: Config) -> None:
         super().check_config(d_model, config)
         c = config
-        if c.variant not in ("mamba3", "mamba2"):
-            raise LayerConfigError("variant", f"variant must be 'mamba3' or 'mamba2', got {c.variant!r}")
+        if c.variant not in VARIANTS:
+            raise LayerConfigError("variant", f"variant must be one of {', '.join(VARIANTS)}, got {c.variant!r}")
         require_at_least(c, 1, "d_state", "headdim")
         require_positive(c, "expand")
         d_inner = int(c.expand * d_model)
+        if c.variant == "mamba1":
+            cls._check_mamba1(d_model, c, d_inner)
+            return
         if d_inner < c.headdim or d_inner % c.headdim:
             raise LayerConfigError("headdim", f"d_inner = int(expand * d_model) = {d_inner} is not a positive "
                                               f"multiple of headdim={c.headdim}")
@@ -168,10 +208,30 @@ class Mamba(Layer):
             raise LayerConfigError("d_state", f"MIMO pairs (i, i + N/2): d_state={c.d_state} must be even")
         require_at_least(c, 0, "a_floor")
 
+    @staticmethod
+    def _check_mamba1(d_model: int, c: Config, d_inner: int) -> None:
+        """Mamba-1 has no heads: ``headdim`` is ignored, ``d_inner`` only needs to be positive."""
+        if d_inner < 1:
+            raise LayerConfigError("expand", f"d_inner = int(expand * d_model) = {d_inner} must be >= 1")
+        if c.mimo_rank != 1:
+            raise LayerConfigError("mimo_rank", "mimo_rank > 1 (MIMO) exists only for variant 'mamba3'")
+        require_at_least(c, 1, "d_conv")
+        if c.dt_rank is not None and c.dt_rank < 1:
+            raise LayerConfigError("dt_rank", f"dt_rank must be >= 1 or None (ceil(d_model / 16)), got {c.dt_rank}")
+        if not 0 < c.dt_min <= c.dt_max:
+            raise LayerConfigError("dt_min", f"need 0 < dt_min <= dt_max, got {c.dt_min}, {c.dt_max}")
+        require_at_least(c, 0, "dt_init_floor")
+        if c.backend not in (None, "auto", *dispatch.BACKENDS):
+            raise LayerConfigError("backend", f"backend must be auto, {', '.join(dispatch.BACKENDS)} or None, "
+                                              f"got {c.backend!r}")
+
     @classmethod
     def param_count(cls, d_model: int, config: Config) -> int:
         di, h, s = cls._dims(d_model, config)
         n, p, d = config.d_state, config.headdim, d_model
+        if config.variant == "mamba1":
+            r, k = cls._dt_rank(d_model, config), config.d_conv
+            return 2 * d * di + di * (k + 1) + di * (r + 2 * n) + r * di + di + di * n + di + di * d
         if config.variant == "mamba2":
             conv_dim = di + 2 * n
             return d * (2 * di + 2 * n + h) + conv_dim * (config.d_conv + 1) + 3 * h + di + di * d
@@ -179,14 +239,30 @@ class Mamba(Layer):
         mimo = 3 * h * r * p if r > 1 else 0
         return d * (2 * di + 2 * r * n + 3 * h + s) + 2 * h + 2 * h * r * n + 2 * n + mimo + di * d
 
+    def _init_dt_bias(self, bias: torch.Tensor) -> None:
+        """``bias`` = softplus⁻¹(dt), dt log-uniform in [dt_min, dt_max] floored at dt_init_floor."""
+        cfg = self.config
+        lo, hi = math.log(cfg.dt_min), math.log(cfg.dt_max)
+        dt = torch.exp(torch.rand(bias.shape) * (hi - lo) + lo).clamp(min=cfg.dt_init_floor)
+        bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
     def reset_parameters(self) -> None:
         cfg = self.config
         nn.init.normal_(self.in_proj.weight, mean=0.0, std=0.02)
         nn.init.normal_(self.out_proj.weight, mean=0.0, std=self.out_init_std())
         with torch.no_grad():
-            lo, hi = math.log(cfg.dt_min), math.log(cfg.dt_max)
-            dt = torch.exp(torch.rand(self.nheads) * (hi - lo) + lo).clamp(min=cfg.dt_init_floor)
-            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            if cfg.variant == "mamba1":
+                di, n = self.d_inner, self.d_state
+                bound = 1.0 / math.sqrt(cfg.d_conv)
+                nn.init.uniform_(self.conv.weight, -bound, bound)
+                nn.init.uniform_(self.conv.bias, -bound, bound)
+                nn.init.uniform_(self.x_proj.weight, -di ** -0.5, di ** -0.5)
+                nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+                self._init_dt_bias(self.dt_proj.bias)
+                self.A_log.copy_(torch.arange(1, n + 1, dtype=torch.float32).log().repeat(di, 1))
+                self.D.fill_(1.0)
+                return
+            self._init_dt_bias(self.dt_bias)
             self.D.fill_(1.0)
             if cfg.variant == "mamba3":
                 for w in (self.B_bias, self.C_bias, self.B_norm, self.C_norm):
@@ -257,10 +333,28 @@ class Mamba(Layer):
         new_state = {"conv": seq[:, :, seq.shape[2] - (kc - 1):].clone(), "ssm": ssm_state}
         return self.out_proj(y.to(u.dtype)), new_state
 
+    # -- Mamba-1 ---------------------------------------------------------------------------------------------
+
+    def _mamba1(self, u: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, dict]:
+        b, t, _ = u.shape
+        di, n, kc = self.d_inner, self.d_state, self.config.d_conv
+        x, z = self.in_proj(u).split(self.splits, dim=-1)
+        conv_state = state["conv"] if state is not None else u.new_zeros(b, di, kc - 1)
+        seq = torch.cat((conv_state, x.transpose(1, 2)), dim=2)  # (B, di, K - 1 + T)
+        x = F.silu(F.conv1d(seq, self.conv.weight, self.conv.bias, groups=di)).transpose(1, 2)
+        dt_low, B, C = self.x_proj(x).split((self.dt_rank, n, n), dim=-1)
+        delta = F.softplus(self.dt_proj(dt_low).float())
+        y, ssm_state = selective_scan(x, delta, -torch.exp(self.A_log.float()), B, C,
+                                      state["ssm"] if state is not None else None, backend=self.config.backend)
+        y = (y.float() + self.D * x.float()) * F.silu(z.float())
+        new_state = {"conv": seq[:, :, seq.shape[2] - (kc - 1):].clone(), "ssm": ssm_state}
+        return self.out_proj(y.to(u.dtype)), new_state
+
     # -- contract --------------------------------------------------------------------------------------------
 
     def _run(self, x: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, dict]:
-        return self._mamba3(x, state) if self.config.variant == "mamba3" else self._mamba2(x, state)
+        run = {"mamba3": self._mamba3, "mamba2": self._mamba2, "mamba1": self._mamba1}[self.config.variant]
+        return run(x, state)
 
     def forward(self, x: torch.Tensor, ctx: dict | None = None) -> torch.Tensor:
         return self._run(x, None)[0]
@@ -274,9 +368,11 @@ class Mamba(Layer):
 
     def state_size(self, batch: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         """Bytes of the decode state (independent of ``seq_len``). Mamba-3: ``batch·H·(4S + 4PN + (RN + P)·elt)``;
-        Mamba-2: ``batch·(conv_dim·(K-1)·elt + 4HPN)``."""
+        Mamba-2: ``batch·(conv_dim·(K-1)·elt + 4HPN)``; Mamba-1: ``batch·di·((K-1)·elt + 4N)``."""
         elt = torch.empty((), dtype=dtype).element_size()
         h, p, n = self.nheads, self.headdim, self.d_state
+        if self.config.variant == "mamba1":
+            return batch * self.d_inner * ((self.config.d_conv - 1) * elt + 4 * n)
         if self.config.variant == "mamba2":
             return batch * (self.conv_dim * (self.config.d_conv - 1) * elt + 4 * h * p * n)
         return batch * h * (4 * self.n_angles + 4 * p * n + (self.rank * n + p) * elt)

@@ -82,6 +82,7 @@ BUILTINS: dict[str, Builtin] = {
     "H": Builtin("layers.hyena:Hyena"),
     "M": Builtin("layers.mamba:Mamba"),
     "R": Builtin("layers.rwkv:RWKV7"),
+    "S": Builtin("layers.s4:S4D"),
 }
 
 _SPECS: dict[str, LayerSpec] = {}  # loaded: primary symbol -> spec

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import sys
 
 import pytest
@@ -30,9 +31,72 @@ def test_unavailable_peer_is_a_row_error(peer, symbol):
     err = res.rows[1].error
     assert err and res.rows[1].fwd_s is None and res.rows[1].fwd_bwd_speedup is None
     if importlib.util.find_spec(bench.PEERS[peer][1]) is None:
-        assert "not installed" in err
+        assert err.startswith("BenchError: package") and "not installed" in err
     else:  # installed: on a CPU machine it must say it needs CUDA (or fail to import its CUDA parts)
-        assert "needs CUDA" in err or "Error" in err
+        assert cpu_row_error_ok(err), err
+
+
+# What an installed peer's row may say on a CPU machine: the peer's own "needs CUDA", or an import of its CUDA parts
+# that fails. Not any error: every row error starts with an exception type name, most of them ending in "Error".
+CPU_ROW_ERROR = re.compile(r"(PeerUnavailable: needs CUDA \(tensors are on cpu\)"
+                           r"|(ImportError|ModuleNotFoundError|OSError): )")
+
+
+def cpu_row_error_ok(err: str) -> bool:
+    return CPU_ROW_ERROR.match(err) is not None
+
+
+def test_cpu_row_error_rule():
+    assert cpu_row_error_ok("PeerUnavailable: needs CUDA (tensors are on cpu)")
+    assert cpu_row_error_ok("ImportError: libcudart.so.12: cannot open shared object file")
+    for err in ("RuntimeError: Expected all tensors to be on the same device", "TypeError: bad argument",
+                "BenchError: package 'fla' is not installed", "AssertionError: Error"):
+        assert not cpu_row_error_ok(err), err
+
+
+FAKE_PEERS = {  # just enough of each outside package for its peer to build; their kernels must never be called on cpu
+    "fla/__init__.py": "",
+    "fla/ops/__init__.py": "",
+    "fla/ops/simple_gla.py": "def chunk_simple_gla(*a, **k):\n    raise RuntimeError('kernel called on ' + "
+                             "str(a[0].device))\n",
+    "fla/ops/rwkv7.py": "def chunk_rwkv7(*a, **k):\n    raise RuntimeError('kernel called on ' + str(a[0].device))\n",
+    "mamba_ssm/__init__.py": "",
+    "mamba_ssm/ops/__init__.py": "",
+    "mamba_ssm/ops/triton/__init__.py": "",
+    "mamba_ssm/ops/triton/ssd_combined.py": "def mamba_chunk_scan_combined(*a, **k):\n"
+                                            "    raise RuntimeError('kernel called on ' + str(a[0].device))\n",
+    "mamba_ssm/modules/__init__.py": "",
+    "mamba_ssm/modules/mamba3.py": "import torch\n\n\nclass Mamba3(torch.nn.Module):\n"
+                                   "    def __init__(self, d_model, **kw):\n        super().__init__()\n"
+                                   "        self.proj = torch.nn.Linear(d_model, d_model)\n\n"
+                                   "    def forward(self, x):\n"
+                                   "        raise RuntimeError('kernel called on ' + str(x.device))\n",
+}
+
+
+@pytest.fixture
+def fake_installed_peers(tmp_path, monkeypatch):
+    """The GPU peers' packages "installed" (importable stand-ins), as on a machine that has them but no CUDA."""
+    if any(importlib.util.find_spec(m) is not None for m in ("fla", "mamba_ssm")):
+        pytest.skip("the real packages are installed: test_unavailable_peer_is_a_row_error checks them")
+    for rel, text in FAKE_PEERS.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    for name in [m for m in sys.modules if m.split(".")[0] in ("fla", "mamba_ssm")]:
+        del sys.modules[name]
+
+
+@pytest.mark.parametrize("peer, symbol", [("fla-simple-gla", "M"), ("mamba-ssm-ssd", "M"),
+                                          ("mamba-ssm-mamba3", "M"), ("fla-rwkv7", "R")])
+def test_installed_peer_on_cpu_says_it_needs_cuda(fake_installed_peers, peer, symbol):
+    assert bench.peer_available(peer)
+    params = TINY if symbol == "M" else {"head_size": 16}
+    res = bench.run_bench(symbol, params, ["chunked", peer], [4], batch=1, d_model=32, repeat=1, warmup=0)
+    err = res.rows[1].error
+    assert err == "PeerUnavailable: needs CUDA (tensors are on cpu)", err
+    assert cpu_row_error_ok(err)
 
 
 def test_sdpa_on_cpu_says_it_needs_cuda():

@@ -1,13 +1,13 @@
 """The trained-trial budget: infeasible, duplicate and repaired proposals do not use it up, they are capped apart,
 and a repaired genome teaches the sampler the genes that were trained."""
 
-import os
 import re
 import subprocess
 import uuid
 
 import optuna
 import pytest
+from _postgres import postgres_param, url_or_fail
 
 from hybridnas import search
 from hybridnas.cli import main
@@ -145,14 +145,13 @@ def test_over_cap_ignores_bookkeeping_but_counts_undecided_live_trials():
 
 def _storages():
     yield pytest.param("journal", id="journal-file")
-    url = os.environ.get("HYBRIDNAS_TEST_POSTGRES")
-    yield pytest.param(url or "postgresql", id="postgresql",
-                       marks=pytest.mark.skipif(not url, reason="HYBRIDNAS_TEST_POSTGRES is not set (CI starts one)"))
+    yield postgres_param()  # skipped off CI without a server; fails under CI without one (tests/_postgres.py)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("storage", list(_storages()))
 def test_racing_workers_train_exactly_n_trials_among_bookkeeping_proposals(storage, tmp_path):
+    storage = url_or_fail(storage)
     name = f"race_{uuid.uuid4().hex[:8]}"
     path = tmp_path / "race.yaml"
     path.write_text(GENOME.format(name=name, n=5, counts=", counts: {A: {max: 2}}",

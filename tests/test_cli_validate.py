@@ -154,6 +154,19 @@ def test_shipped_search_spaces_validate(path, capsys):
     assert f"{path}: OK" in out
 
 
+@pytest.mark.parametrize("old, new, line, field", [
+    ("S: {d_state: [16, 64]", "S: {d_state: [16, 7]", 31, "model.layers.S.d_state"),
+    ("M: {variant: [mamba1, mamba2, mamba3]", "M: {variant: [mamba1, mamba4]", 30, "model.layers.M.variant"),
+    ("M: {variant: [mamba1, mamba2, mamba3]", "M: {variant: mamba1, dt_rank: 0", 30, "model.layers.M.dt_rank"),
+], ids=["S-odd-d_state", "M-unknown-variant", "mamba1-dt_rank"])
+def test_ssm_family_space_rejects_bad_s_and_mamba1_settings(tmp_path, capsys, old, new, line, field):
+    text = (SEARCH_SPACES / "ssm_family.yaml").read_text(encoding="utf-8")
+    assert old in text
+    path = write(tmp_path, "ssm.yaml", text.replace(old, new))
+    assert main(["validate", path]) == 2
+    assert_clean_error(capsys.readouterr().err, path, line, field)
+
+
 # ---------------------------------------------------------------------------------------------- custom symbols
 
 USER_LAYERS = '''

@@ -588,7 +588,7 @@ def test_symbol_registered_from_arch_file(user_layer):
         task: {{name: mqar, vocab_size: 64, seq_len: 32, num_kv_pairs: 4}}
         model: {{d_model: 32, pattern: "{SYMBOL}A{SYMBOL}", layers: {{{SYMBOL}: {{scale: 0.5}}}}}}
     """)
-    arch = load_arch(text=text, file="arch.yaml")
+    arch = load_arch(text=text, file="arch.yaml", trust_custom_code=True)  # (tests/test_trust.py: refused without)
     model = HybridLM(arch.model)
     assert sum(isinstance(b.layer, registry.get(SYMBOL).cls) for b in model.blocks) == 2
     assert arch.to_dict()["symbols"] == {SYMBOL: user_layer}

@@ -90,12 +90,12 @@ def test_a_space_symbol_does_not_leak_into_the_next_space(layer_path):
 
 def test_an_architecture_symbol_does_not_leak_either(layer_path):
     text = f"symbols: {{Y: '{layer_path}'}}\n" + TASK + "model: {d_model: 32, pattern: YA}\n"
-    arch = load_arch(text=text, file="arch.yaml")
+    arch = load_arch(text=text, file="arch.yaml", trust_custom_code=True)
     assert registry.primary("Y") == "Y"
     load_arch(text=TASK + "model: {d_model: 32, pattern: AF}\n", file="other.yaml")
     assert "Y" not in registry.symbols()
     # loading the architecture again (as an export does) brings its symbol back
-    again = load_arch(data=arch.to_dict(), file="again.yaml")
+    again = load_arch(data=arch.to_dict(), file="again.yaml", trust_custom_code=[layer_path])
     assert again.symbols == {"Y": layer_path} and registry.get("Y").name == "Doubler"
 
 

@@ -95,7 +95,16 @@ def test_tensorboard_scalars_and_hparams(data, tmp_path):
     tags = acc.Tags()["scalars"]
     for tag in ("train/loss", "train/lr", "valid/loss", "valid/accuracy", "perf/tokens_per_s", "hparam/accuracy"):
         assert tag in tags
-    assert "_hparams_/experiment" in str(acc.Tags()) or acc.Tags().get("tensors") is not None
+    # the hparams plugin's records: the experiment declares the hparams and the metrics, the session holds the values
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = acc.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(content)
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {h.name for h in experiment.hparam_infos} == {"pattern", "lr"}
+    assert "hparam/accuracy" in {m.name.tag for m in experiment.metric_infos}
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["pattern"].string_value == "AA" and start.hparams["lr"].number_value == 3e-3
 
 
 def test_moe_aux_loss_is_trained(data):

@@ -1,7 +1,8 @@
 """Next-token language modelling on text through the ``datasets`` library; validation loss and bits per byte.
 
 Sources (``path``): a local text/json/jsonl/parquet file, a directory or glob of such files (one format), or a
-Hugging Face hub dataset name (``name`` is its config, ``split`` its split; needs the machine to be online).
+Hugging Face hub dataset name (``config_name`` is its configuration, ``split`` its split; needs the machine to be
+online). The field is not called ``name``: in a space's ``task:`` mapping ``name`` is the task's own name (``lm``).
 Documents are read with ``streaming=True`` and tokenized as they stream, so a corpus larger than memory never
 sits in memory: tokens go to a cache on disk, which later trials and worker processes reuse.
 
@@ -54,7 +55,7 @@ class LMConfig(TaskConfig):
     """Text LM task; see the module docstring. ``vocab_size`` is filled in from the tokenizer."""
 
     path: str = "data/prose.txt"
-    name: str | None = None
+    config_name: str | None = None  # a hub dataset's configuration (datasets' `name`)
     split: str = "train"
     text_field: str = "text"
     tokenizer: str = "bytes"
@@ -79,8 +80,8 @@ class LMConfig(TaskConfig):
         for name in ("path", "split", "text_field", "tokenizer", "cache_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise TaskConfigError(name, f"must be a non-empty string, got {getattr(self, name)!r}")
-        if self.name is not None and not isinstance(self.name, str):
-            raise TaskConfigError("name", f"must be a string or null, got {self.name!r}")
+        if self.config_name is not None and not isinstance(self.config_name, str):
+            raise TaskConfigError("config_name", f"must be a string or null, got {self.config_name!r}")
         for name, low in (("seq_len", 1), ("split_block", 1), ("seed", 0), ("max_valid_tokens", 2),
                           ("in_memory_tokens", 0)):
             value = getattr(self, name)
@@ -175,7 +176,7 @@ class Source:
 
     def fingerprint(self, cfg: LMConfig) -> Any:
         if self.builder == "hub":
-            return ["hub", cfg.path, cfg.name, cfg.split]
+            return ["hub", cfg.path, cfg.config_name, cfg.split]
         return [self.builder, [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in self.files]]
 
 
@@ -211,7 +212,7 @@ def iter_texts(cfg: LMConfig, source: Source, batch: int = 256) -> Iterator[tupl
     from datasets import load_dataset
 
     if source.builder == "hub":
-        ds = load_dataset(cfg.path, cfg.name, split=cfg.split, streaming=True)
+        ds = load_dataset(cfg.path, cfg.config_name, split=cfg.split, streaming=True)
     elif source.builder == "text":
         ds = load_dataset("text", data_files=source.files, split="train", streaming=True, keep_linebreaks=True)
     else:

@@ -22,6 +22,8 @@ VARIANTS = {
     "mimo4-rope1.0": {**SMALL, "mimo_rank": 4, "rope_fraction": 1.0, "chunk_size": 4},
     "mamba2": {**SMALL, "variant": "mamba2"},
     "mamba2-conv1": {**SMALL, "variant": "mamba2", "d_conv": 1},
+    "mamba1": {"variant": "mamba1", "d_state": 8},
+    "mamba1-conv1-rank3": {"variant": "mamba1", "d_state": 4, "d_conv": 1, "dt_rank": 3},
 }
 
 
@@ -92,7 +94,8 @@ def test_decode_state_shapes_match_reference_cache():
 @pytest.mark.parametrize("params", [
     {}, {"mimo_rank": 4}, {"rope_fraction": 1.0, "d_state": 30, "headdim": 32}, {"expand": 1.5, "headdim": 16},
     {"variant": "mamba2"}, {"variant": "mamba2", "d_conv": 2, "d_state": 16, "headdim": 8},
-], ids=["default", "mimo4", "rope1-odd", "expand1.5", "mamba2", "mamba2-small"])
+    {"variant": "mamba1", "d_state": 16}, {"variant": "mamba1", "d_state": 5, "expand": 1.5, "dt_rank": 7},
+], ids=["default", "mimo4", "rope1-odd", "expand1.5", "mamba2", "mamba2-small", "mamba1", "mamba1-odd"])
 def test_param_count_formula(params):
     d = 64
     layer = registry.get("M").build(d, params)
@@ -169,3 +172,54 @@ def test_mimo_adjacent_pair_basis_is_the_rotate_half_layer(monkeypatch, params):
     assert rel(s1, y0[:, 11:]) <= 1e-4  # step after prefill continues the sequence
     for name in gp0:
         assert rel(gp1[name], gp0[name]) <= 1e-5, name
+
+
+def test_mamba1_parameter_count_by_hand_at_reference_width():
+    """ssm_lineage.md §8.1: d = 768, E = 1536, N = 16, r = 48 gives about 3.77M parameters per layer."""
+    d, e, n, r, k = 768, 1536, 16, 48, 4
+    by_hand = 2 * d * e + e * k + e + e * (r + 2 * n) + r * e + e + e * n + e + e * d
+    assert Mamba.param_count(d, Mamba.Config(variant="mamba1", d_state=16)) == by_hand
+    assert round(by_hand / 1e6, 2) == 3.77
+
+
+def test_mamba1_initialization_follows_reference():
+    torch.manual_seed(0)
+    layer = Mamba(64, Mamba.Config(variant="mamba1", d_state=16), n_layers=2)
+    assert layer.dt_rank == 4 and layer.x_proj.weight.shape == (4 + 32, 128)
+    assert layer.dt_proj.weight.shape == (128, 4) and layer.conv.weight.shape == (128, 1, 4)
+    # S4D-Real: A = -(1..N) in every channel, stored as A_log
+    assert torch.allclose(-torch.exp(layer.A_log), -torch.arange(1, 17.0).expand(128, 16))
+    assert torch.equal(layer.D, torch.ones(128))
+    dt = F.softplus(layer.dt_proj.bias)
+    assert (dt >= 1e-3 * 0.999).all() and (dt <= 0.1 * 1.001).all()
+    log_dt = dt.log()  # log-uniform: the logs spread over the whole range, not bunched at one end
+    assert log_dt.min() < math.log(3e-3) and log_dt.max() > math.log(3e-2)
+    bound = 4 ** -0.5
+    assert layer.dt_proj.weight.abs().max() <= bound and layer.dt_proj.weight.abs().max() > 0.9 * bound
+
+
+def test_mamba1_decode_state_and_bytes():
+    layer = build({"variant": "mamba1", "d_state": 8})
+    _, st = layer.prefill(x_of(2))  # shorter than the conv: the conv state is zero-padded on the left
+    assert st["conv"].shape == (2, 64, 3) and torch.equal(st["conv"][:, :, 0], torch.zeros(2, 64))
+    assert st["ssm"].shape == (2, 64, 8) and st["ssm"].dtype == torch.float32
+    assert layer.state_size(2, 2, torch.bfloat16) == 2 * 64 * (3 * 2 + 4 * 8)
+
+
+def test_mamba1_layer_equals_direct_reference_computation():
+    """The layer against the Mamba-1 equations written out with the naive scan: catches a swapped x/z or B/C split,
+    a missing dt bias or gate."""
+    from layers.ops.selective_scan import selective_scan_naive
+
+    layer = build({"variant": "mamba1", "d_state": 8})
+    x = x_of(9)
+    with torch.no_grad():
+        xz = layer.in_proj(x)
+        xi, z = xz[..., :64], xz[..., 64:]
+        xc = F.silu(F.conv1d(F.pad(xi.transpose(1, 2), (3, 0)), layer.conv.weight, layer.conv.bias, groups=64))
+        xc = xc.transpose(1, 2)
+        proj = layer.x_proj(xc)
+        dt = F.softplus(proj[..., :2] @ layer.dt_proj.weight.T + layer.dt_proj.bias)
+        y, _ = selective_scan_naive(xc, dt, -torch.exp(layer.A_log), proj[..., 2:10], proj[..., 10:])
+        want = layer.out_proj((y + layer.D * xc) * F.silu(z))
+        assert rel(layer(x), want) <= 1e-5

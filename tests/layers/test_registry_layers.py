@@ -49,6 +49,13 @@ CASES: dict[str, list[tuple[int, dict[str, Any]]]] = {
         (D_MODEL, {"d_state": 8, "headdim": 16, "chunk_size": 4}),
         (D_MODEL, {"d_state": 8, "headdim": 16, "mimo_rank": 2, "rope_fraction": 1.0, "chunk_size": 4}),
         (D_MODEL, {"variant": "mamba2", "d_state": 8, "headdim": 16, "chunk_size": 4}),
+        (D_MODEL, {"variant": "mamba1", "d_state": 8}),
+        (24, {"variant": "mamba1", "d_state": 4, "d_conv": 1, "dt_rank": 3, "expand": 1.5}),
+    ],
+    "S": [
+        (D_MODEL, {"d_state": 8}),
+        (D_MODEL, {"d_state": 8, "init": "inv"}),
+        (24, {"d_state": 6, "init": "legs", "dt_min": 0.01, "dt_max": 0.05}),
     ],
 }
 
@@ -95,6 +102,17 @@ INVALID: dict[str, list[tuple[int, dict[str, Any], str]]] = {
         (32, {"variant": "mamba4"}, "variant"),
         (32, {"d_state": 1, "headdim": 16}, "d_state"),
         (32, {"mimo_rank": 0, "headdim": 16}, "mimo_rank"),
+        (32, {"variant": "mamba1", "dt_rank": 0}, "dt_rank"),
+        (32, {"variant": "mamba1", "mimo_rank": 2}, "mimo_rank"),
+        (32, {"variant": "mamba1", "d_conv": 0}, "d_conv"),
+        (32, {"variant": "mamba1", "d_state": 0}, "d_state"),
+    ],
+    "S": [
+        (32, {"d_state": 7}, "d_state"),
+        (32, {"d_state": 0}, "d_state"),
+        (32, {"init": "real"}, "init"),
+        (32, {"dt_min": 0.2, "dt_max": 0.1}, "dt_min"),
+        (32, {"backend": "cuda"}, "backend"),
     ],
 }
 

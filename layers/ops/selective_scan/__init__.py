@@ -1,0 +1,39 @@
+"""Mamba-1 selective scan (per-channel diagonal A, input-dependent Δ, B, C):
+``selective_scan(u, delta, A, B, C, state=None, *, chunk_size=16) -> (y, state)``.
+
+Shapes (B batch, T length, D channels = d_inner, N state size per channel)::
+
+    u      (B, T, D)   input after the conv (the layer adds D·u and the gate itself)
+    delta  (B, T, D)   Δ after softplus
+    A      (D, N)      negative; the step's log-decay is Δ_t[d]·A[d, n]
+    B, C   (B, T, N)   shared by all D channels (one group)
+    state  (B, D, N)   fp32 initial state or None (zeros)
+    -> y (B, T, D) in u's dtype, final state (B, D, N) fp32
+
+Backends (``BACKENDS``): ``naive`` (token loop with plain indexing, the fp32 oracle) and ``chunked`` (the CPU path:
+a sequential scan over unbound slices with a reverse-loop backward, which beat the chunked per-channel-decay form
+by 8-23x on this CPU; see ``chunked.py``). No Triton kernel. ``backend=`` or :mod:`layers.ops.dispatch` picks one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from layers.ops import dispatch
+from layers.ops.selective_scan.chunked import selective_scan_chunked_form, selective_scan_seq
+from layers.ops.selective_scan.naive import selective_scan_naive
+
+__all__ = ["BACKENDS", "selective_scan", "selective_scan_chunked_form", "selective_scan_naive",
+           "selective_scan_seq"]
+
+BACKENDS: dict[str, Any] = {"naive": selective_scan_naive, "chunked": selective_scan_seq}
+
+
+def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   state: torch.Tensor | None = None, *, chunk_size: int = 16,
+                   backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backend chosen by :mod:`layers.ops.dispatch` (forced > env > ``backend`` > auto)."""
+    return dispatch.run("selective_scan", BACKENDS, u, delta, A, B, C, state, chunk_size=chunk_size,
+                        backend=backend)

@@ -117,3 +117,28 @@ def test_usage_errors_are_one_line_exit_2(capsys, argv):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: hybridnas")
+
+
+def test_custom_layer_code_needs_trust_custom_code(tmp_path, monkeypatch, capsys):
+    from hybridnas import registry
+
+    module = "hybridnas_test_generate_layer"
+    (tmp_path / f"{module}.py").write_text("from layers.ffn import SwiGLU\n\n\nclass CustomFFN(SwiGLU):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = f"{module}:CustomFFN"
+    registry.register_path("Q", path)
+    try:
+        arch = ArchConfig(ModelConfig(vocab_size=64, d_model=32, pattern="AQ", layers={"A": {"n_heads": 2}}), MQAR,
+                          TrainConfig(steps=3), {"Q": path}, "gen")
+        folder = str(save_checkpoint(tmp_path / "exp", arch, HybridLM(arch.model).eval(), tokenizer=True))
+        registry.unregister("Q")
+        sys.modules.pop(module, None)
+        argv = ["generate", folder, "--prompt", "1 2", "--ids", "--max-new-tokens", "2", "--temperature", "0"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--trust-custom-code" in err and err.count("\n") == 1 and module not in sys.modules
+        assert main([*argv, "--trust-custom-code"]) == 0 and module in sys.modules
+    finally:
+        if "Q" in registry.symbol_map():
+            registry.unregister("Q")
+        sys.modules.pop(module, None)

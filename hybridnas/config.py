@@ -46,7 +46,7 @@ from hybridnas.schema import (
 )
 from hybridnas.validation import check_train, check_value, field_problems, parse_dataclass, parse_searchable
 from hybridnas.validation import suggest as _suggest
-from hybridnas.yamlio import ConfigError, PathT, Source, load_file, load_text
+from hybridnas.yamlio import Collector, ConfigError, PathT, Source, load_file, load_text
 
 __all__ = [
     "CONSTRAINTS", "METRICS", "ArchConfig", "ConfigError", "ExportSettings", "ModelConfig", "Range", "SearchSettings",
@@ -55,14 +55,15 @@ __all__ = [
 ]
 
 
-def _check_bounds(cls: type, section: str, values: dict[str, Any], src: Source) -> None:
+def _check_bounds(cls: type, section: str, values: dict[str, Any], src: Source, errors: Collector) -> None:
     """Every option of every field, checked on its own against the bounds ``cls`` declares for it."""
     for key, value in values.items():
         # a range's ends are enough: the bounds are intervals, and a range within them has its ends within them
         for opt in value_options(value):
             problems = field_problems(cls, {key: opt})
             if problems:
-                raise src.error((section, key), problems[0][1])
+                errors.errors.append(src.error((section, key), problems[0][1]))
+                break
 
 
 class UntrustedCodeError(ConfigError):
@@ -308,22 +309,23 @@ _SPACE_KEYS = ["name", "symbols", "task", "model", "train", "search", "export"]
 _ARCH_KEYS = ["name", "symbols", "task", "model", "train"]
 
 
-def _top(data: Any, src: Source, allowed: list[str]) -> dict:
+def _top(data: Any, src: Source, allowed: list[str], errors: Collector) -> dict:
     if data is None:
         raise ConfigError("the file is empty", src.file, src.line(()) or 1, ())
     if not isinstance(data, dict):
         raise src.error((), f"expected a mapping with keys {', '.join(allowed)}")
     for key in data:
         if key not in allowed:
-            raise src.error((key,), f"unknown key {key!r}" + _suggest(str(key), allowed)
-                            + f"; known keys: {', '.join(allowed)}")
+            errors.errors.append(src.error((key,), f"unknown key {key!r}" + _suggest(str(key), allowed)
+                                           + f"; known keys: {', '.join(allowed)}"))
     return data
 
 
-def _parse_model_space(data: Any, src: Source, task_vocab: int, searchable: bool,
-                       missing: list[ConfigError]) -> dict[str, Any]:
-    """The model section, checked. A missing section or pattern (required: no default architecture stands in for
-    it) goes to ``missing``, which the caller raises once every other section has been checked."""
+def _parse_model_space(data: Any, src: Source, task_vocab: int, searchable: bool, missing: list[ConfigError],
+                       errors: Collector) -> dict[str, Any]:
+    """The model section, checked; each field's errors go to ``errors`` and the other fields are still checked. A
+    missing section or pattern (required: no default architecture stands in for it) goes to ``missing``, which the
+    caller reports after every other section's errors."""
     absent = data is None
     if absent:
         missing.append(src.error(("model",), "missing required section 'model' (at least its pattern: a layer pattern "
@@ -331,79 +333,91 @@ def _parse_model_space(data: Any, src: Source, task_vocab: int, searchable: bool
         data = {}
     if not isinstance(data, dict):
         raise src.error(("model",), "expected a mapping of model fields (d_model, pattern, layers, ...)")
-    hints = typing.get_type_hints(ModelConfig)
-    names = [f.name for f in fields(ModelConfig)]
+    before = len(errors.errors)
     out: dict[str, Any] = {}
     for key, value in data.items():
-        path = ("model", key)
-        if key not in names:
-            raise src.error(path, f"unknown key {key!r}" + _suggest(key, names) + f"; known keys: {', '.join(names)}")
-        if key == "pattern":
-            if isinstance(value, dict) and searchable:
-                out[key] = parse_pattern_space(value, path, src)
-            elif isinstance(value, list) and searchable:
-                if not value:
-                    raise src.error(path, "an empty list of patterns")
-                out[key] = [_check_pattern(p, path + (i,), src) for i, p in enumerate(value)]
-            else:
-                out[key] = _check_pattern(value, path, src)
-        elif key == "layers":
-            if not isinstance(value, dict):
-                raise src.error(path, "expected a mapping SYMBOL: {parameter: value}")
-            layers: dict[str, dict[str, Any]] = {}
-            for sym, params in value.items():
-                spec = _layer_spec(sym, path + (sym,), src)
-                if params is None:
-                    params = {}
-                if not isinstance(params, dict):
-                    raise src.error(path + (sym,), f"expected a mapping of {spec.name} parameters")
-                lhints = typing.get_type_hints(spec.cls.Config)
-                lnames = spec.cls.config_fields()
-                entry = layers.setdefault(spec.symbol, {})
-                if str(sym) != spec.symbol and path + (sym,) in src.lines:
-                    # an alias: later errors name the primary symbol, so give it the line the alias was written on
-                    src.lines.setdefault(path + (spec.symbol,), src.lines[path + (sym,)])
-                for pk, pv in params.items():
-                    ppath = path + (sym, pk)
-                    if str(sym) != spec.symbol and ppath in src.lines:
-                        src.lines[path + (spec.symbol, pk)] = src.lines[ppath]
-                    if pk not in lnames:
-                        raise src.error(ppath, f"{spec.symbol} ({spec.name}) has no parameter {pk!r}"
-                                        + _suggest(pk, lnames) + f"; known: {', '.join(lnames)}")
-                    entry[pk] = (parse_searchable(pv, lhints[pk], ppath, src) if searchable
-                                 else check_value(pv, lhints[pk], ppath, src))
-                    _check_layer_option(entry[pk], ppath, src)
-            out[key] = layers
-        else:
-            out[key] = parse_searchable(value, hints[key], path, src) if searchable else \
-                check_value(value, hints[key], path, src)
-    _check_bounds(ModelConfig, "model", {k: v for k, v in out.items() if k not in ("pattern", "layers")}, src)
+        with errors.guard():
+            _parse_model_field(key, value, out, src, searchable)
+    _check_bounds(ModelConfig, "model", {k: v for k, v in out.items() if k not in ("pattern", "layers")}, src, errors)
     vocab = out.setdefault("vocab_size", task_vocab)
     for v in value_options(vocab):
         if v < task_vocab:
-            raise src.error(("model", "vocab_size"), f"vocab_size {v} is smaller than the task's vocabulary "
-                            f"({task_vocab})")
-    if "pattern" not in out:
-        if not absent:
-            missing.append(src.error(("model", "pattern"), "missing required key 'pattern' (a layer pattern such as "
-                                                           "'MMMA', a list of them, {genome: ...} or {ratio: ...})"))
-        # the layers given are checked all the same: their errors come first, the missing pattern after them
-        _check_layer_combos(out.get("d_model", ModelConfig.d_model), out.get("layers", {}),
-                            set(out.get("layers", {})), src)
-        return out
-    pats = out["pattern"]
-    used = set()
-    if hasattr(pats, "used_symbols"):
-        used.update(pats.used_symbols())
-    else:
-        for p in (pats if isinstance(pats, list) else [pats]):
-            used.update(patterns.used_symbols(p))
-    _check_layer_combos(out.get("d_model", ModelConfig.d_model), out.get("layers", {}), used, src)
-    _check_param_count(out, src)
+            errors.errors.append(src.error(("model", "vocab_size"), f"vocab_size {v} is smaller than the task's "
+                                           f"vocabulary ({task_vocab})"))
+            break
+    if "pattern" not in data and not absent:
+        missing.append(src.error(("model", "pattern"), "missing required key 'pattern' (a layer pattern such as "
+                                                       "'MMMA', a list of them, {genome: ...} or {ratio: ...})"))
+    if len(errors.errors) > before:
+        return out  # combinations of values already wrong say nothing more
+    with errors.guard():
+        if "pattern" not in out:
+            # the layers given are checked all the same: their errors come first, the missing pattern after them
+            _check_layer_combos(out.get("d_model", ModelConfig.d_model), out.get("layers", {}),
+                                set(out.get("layers", {})), src)
+            return out
+        pats = out["pattern"]
+        used = set()
+        if hasattr(pats, "used_symbols"):
+            used.update(pats.used_symbols())
+        else:
+            for p in (pats if isinstance(pats, list) else [pats]):
+                used.update(patterns.used_symbols(p))
+        _check_layer_combos(out.get("d_model", ModelConfig.d_model), out.get("layers", {}), used, src)
+        _check_param_count(out, src)
     return out
 
 
-def _parse_train_space(data: Any, src: Source, searchable: bool) -> dict[str, Any]:
+def _parse_model_field(key: Any, value: Any, out: dict[str, Any], src: Source, searchable: bool) -> None:
+    """One field of the model section into ``out``."""
+    hints = typing.get_type_hints(ModelConfig)
+    names = [f.name for f in fields(ModelConfig)]
+    path = ("model", key)
+    if key not in names:
+        raise src.error(path, f"unknown key {key!r}" + _suggest(key, names) + f"; known keys: {', '.join(names)}")
+    if key == "pattern":
+        if isinstance(value, dict) and searchable:
+            out[key] = parse_pattern_space(value, path, src)
+        elif isinstance(value, list) and searchable:
+            if not value:
+                raise src.error(path, "an empty list of patterns")
+            out[key] = [_check_pattern(p, path + (i,), src) for i, p in enumerate(value)]
+        else:
+            out[key] = _check_pattern(value, path, src)
+    elif key == "layers":
+        if not isinstance(value, dict):
+            raise src.error(path, "expected a mapping SYMBOL: {parameter: value}")
+        layers: dict[str, dict[str, Any]] = {}
+        for sym, params in value.items():
+            spec = _layer_spec(sym, path + (sym,), src)
+            if params is None:
+                params = {}
+            if not isinstance(params, dict):
+                raise src.error(path + (sym,), f"expected a mapping of {spec.name} parameters")
+            lhints = typing.get_type_hints(spec.cls.Config)
+            lnames = spec.cls.config_fields()
+            entry = layers.setdefault(spec.symbol, {})
+            if str(sym) != spec.symbol and path + (sym,) in src.lines:
+                # an alias: later errors name the primary symbol, so give it the line the alias was written on
+                src.lines.setdefault(path + (spec.symbol,), src.lines[path + (sym,)])
+            for pk, pv in params.items():
+                ppath = path + (sym, pk)
+                if str(sym) != spec.symbol and ppath in src.lines:
+                    src.lines[path + (spec.symbol, pk)] = src.lines[ppath]
+                if pk not in lnames:
+                    raise src.error(ppath, f"{spec.symbol} ({spec.name}) has no parameter {pk!r}"
+                                    + _suggest(pk, lnames) + f"; known: {', '.join(lnames)}")
+                entry[pk] = (parse_searchable(pv, lhints[pk], ppath, src) if searchable
+                             else check_value(pv, lhints[pk], ppath, src))
+                _check_layer_option(entry[pk], ppath, src)
+        out[key] = layers
+    else:
+        out[key] = parse_searchable(value, hints[key], path, src) if searchable else \
+            check_value(value, hints[key], path, src)
+
+
+def _parse_train_space(data: Any, src: Source, searchable: bool, errors: Collector) -> dict[str, Any]:
+    """The train section; each field's errors go to ``errors`` and the other fields are still checked."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -413,11 +427,13 @@ def _parse_train_space(data: Any, src: Source, searchable: bool) -> dict[str, An
     out = {}
     for key, value in data.items():
         path = ("train", key)
-        if key not in names:
-            raise src.error(path, f"unknown key {key!r}" + _suggest(key, names) + f"; known keys: {', '.join(names)}")
-        out[key] = parse_searchable(value, hints[key], path, src) if searchable else \
-            check_value(value, hints[key], path, src)
-    _check_bounds(TrainConfig, "train", out, src)
+        with errors.guard():
+            if key not in names:
+                raise src.error(path, f"unknown key {key!r}" + _suggest(key, names)
+                                + f"; known keys: {', '.join(names)}")
+            out[key] = parse_searchable(value, hints[key], path, src) if searchable else \
+                check_value(value, hints[key], path, src)
+    _check_bounds(TrainConfig, "train", out, src, errors)
     return out
 
 
@@ -426,21 +442,24 @@ def _task_vocab(task: TaskSpec) -> int:
 
 
 def _check_search(search: SearchSettings, src: Source) -> None:
-    """What the field bounds cannot say: relations between fields and the constraint names."""
+    """What the field bounds cannot say: relations between fields and the constraint names (every one broken)."""
+    errors = Collector()
     if search.grace_period <= search.heartbeat_interval:
-        raise src.error(("search", "grace_period"), f"must exceed heartbeat_interval ({search.heartbeat_interval})")
+        errors.errors.append(src.error(("search", "grace_period"),
+                                       f"must exceed heartbeat_interval ({search.heartbeat_interval})"))
     if search.objectives is not None:
         if not search.objectives:
-            raise src.error(("search", "objectives"), "an empty list; leave it out for one objective")
-        if search.objectives[0] not in ("accuracy", "loss"):
-            raise src.error(("search", "objectives", 0), "the first objective must be accuracy or loss "
-                            "(the trained score); budgets follow it")
+            errors.errors.append(src.error(("search", "objectives"), "an empty list; leave it out for one objective"))
+        elif search.objectives[0] not in ("accuracy", "loss"):
+            errors.errors.append(src.error(("search", "objectives", 0), "the first objective must be accuracy or "
+                                           "loss (the trained score); budgets follow it"))
         if len(set(search.objectives)) != len(search.objectives):
-            raise src.error(("search", "objectives"), "an objective is listed twice")
+            errors.errors.append(src.error(("search", "objectives"), "an objective is listed twice"))
     for key in search.constraints:
         if key not in CONSTRAINTS:
-            raise src.error(("search", "constraints", key), f"unknown constraint {key!r}"
-                            + _suggest(key, CONSTRAINTS) + f"; known: {', '.join(CONSTRAINTS)}")
+            errors.errors.append(src.error(("search", "constraints", key), f"unknown constraint {key!r}"
+                                           + _suggest(key, CONSTRAINTS) + f"; known: {', '.join(CONSTRAINTS)}"))
+    errors.raise_if_any()
 
 
 def load_space(path: str | None = None, *, text: str | None = None, file: str = "<space>",
@@ -458,21 +477,41 @@ def load_space(path: str | None = None, *, text: str | None = None, file: str = 
             text = f.read()
     else:
         data, src = load_text(text, file)
-    data = _top(data, src, _SPACE_KEYS)
+    # every section is checked even when an earlier one is wrong: one run reports every error of the file, the
+    # missing required parts (model, its pattern) last
+    errors = Collector()
+    data = _top(data, src, _SPACE_KEYS, errors)
     name = data.get("name")
     if name is None:
         name = src.file.rsplit("/", 1)[-1].rsplit(".", 1)[0] if src.file else "study"
-    name = check_value(name, Name, ("name",), src)
-    symbols = _register_symbols(data.get("symbols"), src, trust_custom_code)
-    task = _parse_task(data.get("task", {"name": "mqar"}), src)
+    with errors.guard():
+        name = check_value(name, Name, ("name",), src)
+    symbols: dict[str, str] = {}
+    try:
+        symbols = _register_symbols(data.get("symbols"), src, trust_custom_code)
+    except UntrustedCodeError:
+        raise  # nothing is imported, and the caller must be able to tell this refusal from a wrong file
+    except ConfigError as e:
+        errors.errors.append(e)
+    task = None
+    with errors.guard():
+        task = _parse_task(data.get("task", {"name": "mqar"}), src)
     missing: list[ConfigError] = []
-    model = _parse_model_space(data.get("model"), src, _task_vocab(task), searchable=True, missing=missing)
-    train = _parse_train_space(data.get("train"), src, searchable=True)
-    search = parse_dataclass(SearchSettings, data.get("search"), ("search",), src)
-    _check_search(search, src)
-    export = parse_dataclass(ExportSettings, data.get("export"), ("export",), src)
-    if missing:
-        raise missing[0]
+    model: dict[str, Any] = {}
+    with errors.guard():
+        model = _parse_model_space(data.get("model"), src, _task_vocab(task) if task else 0, True, missing, errors)
+    train: dict[str, Any] = {}
+    with errors.guard():
+        train = _parse_train_space(data.get("train"), src, True, errors)
+    search = None
+    with errors.guard():
+        search = parse_dataclass(SearchSettings, data.get("search"), ("search",), src)
+        _check_search(search, src)
+    export = None
+    with errors.guard():
+        export = parse_dataclass(ExportSettings, data.get("export"), ("export",), src)
+    errors.errors += missing
+    errors.raise_if_any()
     return SearchSpace(name, task, model, train, search, export, symbols, src, text)
 
 
@@ -489,13 +528,28 @@ def load_arch(path: str | None = None, *, text: str | None = None, file: str = "
         data, src = load_file(path)
     else:
         data, src = load_text(text, file)
-    data = _top(data, src, _ARCH_KEYS)
-    name = check_value(data.get("name", "arch"), Name, ("name",), src)
-    symbols = _register_symbols(data.get("symbols"), src, trust_custom_code)
-    task = _parse_task(data.get("task", {"name": "mqar"}), src)
+    errors = Collector()
+    data = _top(data, src, _ARCH_KEYS, errors)
+    name = "arch"
+    with errors.guard():
+        name = check_value(data.get("name", "arch"), Name, ("name",), src)
+    symbols: dict[str, str] = {}
+    try:
+        symbols = _register_symbols(data.get("symbols"), src, trust_custom_code)
+    except UntrustedCodeError:
+        raise  # nothing is imported, and the caller must be able to tell this refusal from a wrong file
+    except ConfigError as e:
+        errors.errors.append(e)
+    task = None
+    with errors.guard():
+        task = _parse_task(data.get("task", {"name": "mqar"}), src)
     missing: list[ConfigError] = []
-    model_d = _parse_model_space(data.get("model"), src, _task_vocab(task), searchable=False, missing=missing)
-    train_d = _parse_train_space(data.get("train"), src, searchable=False)
-    if missing:
-        raise missing[0]
+    model_d: dict[str, Any] = {}
+    with errors.guard():
+        model_d = _parse_model_space(data.get("model"), src, _task_vocab(task) if task else 0, False, missing, errors)
+    train_d: dict[str, Any] = {}
+    with errors.guard():
+        train_d = _parse_train_space(data.get("train"), src, False, errors)
+    errors.errors += missing
+    errors.raise_if_any()
     return ArchConfig(ModelConfig(**model_d), task, TrainConfig(**train_d), symbols, name)

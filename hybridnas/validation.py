@@ -30,7 +30,7 @@ from pydantic import ValidationError as PydanticError
 from typing_extensions import TypedDict  # pydantic needs typing_extensions' TypedDict before Python 3.12
 
 from hybridnas.schema import Range, TrainConfig
-from hybridnas.yamlio import PathT, Source
+from hybridnas.yamlio import ConfigErrors, PathT, Source
 
 
 def suggest(word: Any, options: Iterable[str]) -> str:
@@ -232,9 +232,11 @@ def _validate(tp: Any, value: Any) -> tuple[Any, list[tuple[tuple, str]]]:
 def check_value(value: Any, tp: Any, path: PathT, src: Source) -> Any:
     """Check ``value`` against type ``tp``; return it (ints widened to float where a float is wanted)."""
     out, problems = _validate(tp, value)
-    if problems:
+    if len(problems) == 1:
         loc, message = problems[0]
         raise src.error(path + loc, message)
+    if problems:
+        raise ConfigErrors([src.error(path + loc, message) for loc, message in problems])
     return out
 
 

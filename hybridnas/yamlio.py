@@ -6,9 +6,11 @@ field path to line while it reads (``yaml.safe_load`` semantics: no Python objec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,51 @@ class ConfigError(ValueError):
             where += f":{self.line}"
         field_part = f" {dotted(self.path)}:" if self.path else ""
         return f"{where}:{field_part} {self.message}"
+
+
+class ConfigErrors(ConfigError):
+    """Several config problems found at once (``errors``), printed one per line in the order they were found (the
+    order of the file's sections); the first one's fields (file, line, path, message) are this error's own, so a
+    caller expecting one error still reads one."""
+
+    def __init__(self, errors: list[ConfigError]):
+        flat: list[ConfigError] = []
+        for e in errors:
+            flat.extend(e.errors if isinstance(e, ConfigErrors) else [e])
+        self.errors = flat
+        first = self.errors[0]
+        super().__init__(first.message, first.file, first.line, first.path)
+
+    def format(self) -> str:
+        return "\n".join(e.format() for e in self.errors)
+
+
+class Collector:
+    """Gathers the errors of independent checks so that one run reports them all::
+
+        errors = Collector()
+        with errors.guard():
+            check_a()
+        with errors.guard():
+            check_b()
+        errors.raise_if_any()
+    """
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        try:
+            yield
+        except ConfigError as e:
+            self.errors.append(e)
+
+    def raise_if_any(self) -> None:
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        if self.errors:
+            raise ConfigErrors(self.errors)
 
 
 @dataclass

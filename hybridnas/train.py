@@ -16,12 +16,13 @@ search saves or exports are the ones that earned the reported score. A non-finit
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +138,25 @@ def _peak_memory_mb(device: torch.device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+#: TensorBoard writers of runs not closed yet (see :func:`closing_writers`): the writers, not the runs, so a run
+#: dropped unclosed is still freed with its model
+_open_writers: set[Any] = set()
+
+
+@contextlib.contextmanager
+def closing_writers() -> Iterator[None]:
+    """Every TensorBoard writer a :class:`TrainRun` opens inside the block is closed on the way out, however the
+    block ends: a run that the code holding it never got to close (a ladder whose second rate failed to build while
+    its first was already open) would otherwise keep its writer's thread alive for the rest of the process."""
+    before = set(_open_writers)
+    try:
+        yield
+    finally:
+        for writer in list(_open_writers - before):
+            writer.close()
+            _open_writers.discard(writer)
+
+
 class TrainRun:
     """One training run advanced evaluation by evaluation, so a caller can interleave several runs (a learning-rate
     ladder with successive halving) or stop one early. :func:`train` drives a single run to its end.
@@ -179,6 +199,7 @@ class TrainRun:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=log_dir)
+            _open_writers.add(self.writer)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         self.history: list[dict[str, float]] = []
@@ -289,6 +310,7 @@ class TrainRun:
         self.done = True
         if self.writer is not None:
             self.writer.close()
+            _open_writers.discard(self.writer)
             self.writer = None
 
     def finish(self) -> TrainResult:

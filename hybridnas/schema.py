@@ -261,6 +261,10 @@ class SearchSettings:
     lr_rung: Annotated[float, Interval(gt=0, lt=1)] = 0.25
     # no trial is pruned before this fraction of its steps (recall tasks sit on a plateau, then jump)
     prune_after: Annotated[float, Interval(ge=0, lt=1)] = 0.5
+    # an exception from the code a trial runs that is not a failure of the candidate (out of memory, divergence,
+    # an invalid configuration) is a bug: stop names the trial and stops the search; record keeps it as a failed
+    # trial (fail_reason: error) and goes on
+    on_error: Literal["stop", "record"] = "stop"
 
 
 @dataclass

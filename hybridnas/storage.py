@@ -10,6 +10,11 @@ system attribute (:data:`BEAT_ATTR`).
 RDB engines are made with ``pool_pre_ping``: a PostgreSQL server (or a proxy or firewall in between) drops idle
 connections, and a worker that trained for an hour would otherwise find its pooled connection dead when it reports.
 
+A heartbeat only tells after ``grace_period``. A trial also records its host and process (:func:`record_process`),
+so a search starting on the same host fails and retries at once the running trials whose process is gone
+(:func:`fail_dead_local_trials`). A storage that cannot be opened is a :class:`StorageError`: one line naming the
+URL, password masked, and the cause.
+
 The heartbeat rests on Optuna's private ``optuna.storages._heartbeat.BaseHeartbeat`` (Optuna has no public way to
 give a storage a heartbeat): pyproject.toml pins Optuna's major version, and tests/test_storage_proxy.py fails with
 a clear message if the symbol or its methods change.
@@ -17,14 +22,20 @@ a clear message if the symbol or its methods change.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
+import importlib.util
+import os
+import socket
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import optuna
-from optuna.exceptions import ExperimentalWarning
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import GrpcStorageProxy, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
@@ -43,6 +54,11 @@ StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
 
 class StorageUnavailableError(ConnectionError):
     """Nothing answers at a storage's address (a gRPC proxy that is not running)."""
+
+
+class StorageError(ValueError):
+    """A storage that cannot be opened (a folder that cannot be written, a database server that does not answer, a
+    missing driver); the message names the URL, password masked, and the cause, on one line."""
 
 
 class SystemAttrHeartbeat(BaseHeartbeat):
@@ -135,13 +151,49 @@ def _grpc_storage(url: str, heartbeat_interval: int, grace_period: int, connect_
     return st
 
 
+def _cause(e: BaseException, url: str) -> str:
+    """The first line of what went wrong, without SQLAlchemy's wrapping (``(sqlite3.OperationalError) ...``) and
+    without the URL's password."""
+    if isinstance(e, (FileExistsError, NotADirectoryError)) and e.filename:
+        return f"{e.filename} is not a folder"
+    inner = getattr(e, "orig", None) or e
+    text = " ".join(str(inner).split("\n")[0].split()) or type(inner).__name__
+    if isinstance(inner, ModuleNotFoundError):
+        text += " (the PostgreSQL driver: pip install -e \".[postgres]\")"
+    secret = urlsplit(url).password if is_url(url) else None
+    return text.replace(secret, "***") if secret else text
+
+
+@contextlib.contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """Turn a failure to reach or create the storage at ``url`` into a :class:`StorageError`: one line instead of a
+    driver's traceback. (A gRPC proxy that does not answer stays a :class:`StorageUnavailableError`.)"""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except StorageUnavailableError:
+        raise
+    except (OSError, ImportError, SQLAlchemyError) as e:
+        raise StorageError(f"cannot open storage {shown_url(url)}: {_cause(e, url)}") from None
+
+
+def _with_driver(url: str) -> str:
+    """A bare ``postgresql://`` means psycopg2 to SQLAlchemy; the ``postgres`` extra installs psycopg (3), so use it
+    when psycopg2 is absent."""
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg2") is None \
+            and importlib.util.find_spec("psycopg") is not None:
+        return "postgresql+psycopg://" + url[len("postgresql://"):]
+    return url
+
+
 def rdb_storage(url: str, heartbeat_interval: int = 30, grace_period: int = 120) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats and pre-pinged connections (PostgreSQL drops idle ones)."""
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+        return optuna.storages.RDBStorage(_with_driver(url), engine_kwargs={"pool_pre_ping": True},
                                           heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                                           heartbeat_stale_trial_callback=_retry_callback())
 
@@ -153,7 +205,7 @@ def make_storage(url: str, heartbeat_interval: int = 30, grace_period: int = 120
     journal file path. All but the in-memory one get heartbeats."""
     if url == ":memory:":
         return optuna.storages.InMemoryStorage()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), storage_errors(url):
         warnings.simplefilter("ignore", ExperimentalWarning)
         if is_grpc(url):
             return _grpc_storage(url, heartbeat_interval, grace_period, connect_timeout)
@@ -213,8 +265,108 @@ def load_study(name: str, storage: str | None = None) -> optuna.Study:
     if not is_url(url) and not Path(url).exists():
         raise FileNotFoundError(f"no journal file at {url}")
     st = make_storage(url)
+    with storage_errors(url):
+        try:
+            return optuna.load_study(study_name=name, storage=st)
+        except KeyError:
+            names = [s.study_name for s in optuna.get_all_study_summaries(st)]
+    raise FileNotFoundError(f"no study named {name!r} in {shown_url(url)}; studies there: {names}")
+
+
+# ---------------------------------------------------------------------------------------------- dead processes
+
+HOST_ATTR = "hybridnas:host"  # trial system attributes: where the trial runs
+PID_ATTR = "hybridnas:pid"
+PROCESS_ATTR = "hybridnas:process"  # {"trial", "machine", "start"}: tells a reused pid or an inherited attr apart
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of process ``pid`` from /proc, or None where unreadable."""
     try:
-        return optuna.load_study(study_name=name, storage=st)
-    except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(st)]
-        raise FileNotFoundError(f"no study named {name!r} in {url}; studies there: {names}") from None
+        fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields_[0], fields_[19]
+    except (OSError, IndexError):
+        return None
+
+
+@functools.cache
+def _machine() -> str | None:
+    """This kernel boot and pid namespace: a pid names the same process only within both."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() + "/" + os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def record_process(trial: optuna.Trial) -> None:
+    """Set on a starting trial where it runs: host, pid (and the pid's start time), so a later run on this host can
+    tell that the process died (:func:`fail_dead_local_trials`)."""
+    st, tid = trial.storage, trial._trial_id
+    if isinstance(st, optuna.storages.InMemoryStorage):
+        return  # dies with its process: nothing to tell a later run (a replay's studies)
+    stat = _proc_stat(os.getpid())
+    st.set_trial_system_attr(tid, HOST_ATTR, socket.gethostname())
+    st.set_trial_system_attr(tid, PID_ATTR, os.getpid())
+    st.set_trial_system_attr(tid, PROCESS_ATTR, {"trial": trial.number, "machine": _machine(),
+                                                 "start": stat[1] if stat else None})
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process: alive
+        return True
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True
+    return stat[0] != "Z" and (start is None or stat[1] == start)  # a zombie, or the pid reused since
+
+
+def dead_local_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """RUNNING trials whose process ran on this host and is gone. A trial of another host, of another pid
+    namespace or boot, or without the attributes (started before they were recorded) is left to the heartbeat."""
+    host, machine = socket.gethostname(), _machine()
+    dead = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        a = t.system_attrs
+        pid = a.get(PID_ATTR)
+        if a.get(HOST_ATTR) != host or not isinstance(pid, int) or isinstance(pid, bool):
+            continue
+        proc = a.get(PROCESS_ATTR) or {}
+        if proc.get("trial", t.number) != t.number:
+            continue  # inherited by a retry that has not recorded its own process yet
+        if proc.get("machine") not in (None, machine):
+            continue
+        if not _alive(pid, proc.get("start")):
+            dead.append(t)
+    return dead
+
+
+def fail_dead_local_trials(study: optuna.Study, log: Callable[[str], None] | None = None) -> list[int]:
+    """Mark FAIL at once the RUNNING trials of this host's dead processes (a ``kill -9``, a crash), instead of
+    holding their slot of the trial cap until the heartbeat's grace period runs out, and retry each as a stale
+    heartbeat is retried (same parameters). The failed trial says why (``stale``). Returns their numbers."""
+    retry = _retry_callback()
+    storage = study._storage
+    failed = []
+    for t in dead_local_trials(study):
+        why = (f"its process {t.system_attrs[HOST_ATTR]}:{t.system_attrs[PID_ATTR]} died; failed when "
+               f"{socket.gethostname()}:{os.getpid()} resumed the study, and retried")
+        try:
+            storage.set_trial_user_attr(t._trial_id, "stale", why)
+            if not storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL):
+                continue
+        except UpdateFinishedTrialError:
+            continue  # another process got there first
+        frozen = copy.deepcopy(storage.get_trial(t._trial_id))
+        frozen.user_attrs.pop("stale", None)  # the retry inherits the trial's attributes, not its reason to fail
+        before = {x.number for x in study.get_trials(deepcopy=False)}
+        retry(study, frozen)
+        new = sorted({x.number for x in study.get_trials(deepcopy=False)} - before)
+        failed.append(t.number)
+        if log is not None:
+            log(f"trial {t.number} was left RUNNING by {t.system_attrs[HOST_ATTR]}:{t.system_attrs[PID_ATTR]}, which "
+                "is gone: marked FAIL" + (f", retried as trial {new[0]}" if new else " (retried too often already)"))
+    return failed

@@ -1,8 +1,11 @@
 """hybridnas search | show | export | plot | dashboard | storage-proxy | train | generate | serve | sweep | replay
 | bench | validate.
 
-Errors a user can fix (bad YAML, unknown study, missing file) print one clear message and exit 2;
-Ctrl-C exits 130 after Optuna has recorded the interrupted trial, so re-running resumes.
+Errors a user can fix (bad YAML, unknown study, missing file, a storage that cannot be opened, a bad number on the
+command line) print one clear line each and exit 2; a bug in a trial's code prints its traceback once and the
+trial's parameters, and exits 1; a search that ends short of its target for another reason than its time limit
+says so and exits 1; Ctrl-C exits 130 after Optuna has recorded the interrupted trial, so re-running resumes; a
+closed pipe (``hybridnas show X | head -1``) exits 141 without a word, as a process killed by SIGPIPE does.
 """
 
 from __future__ import annotations
@@ -10,10 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from hybridnas.yamlio import ConfigError
+
+
+def _print_error(e: BaseException) -> None:
+    """``error: ...`` on stderr, one line per problem (a :class:`~hybridnas.yamlio.ConfigErrors` holds several)."""
+    for line in str(e).splitlines() or [type(e).__name__]:
+        print(f"error: {line}", file=sys.stderr)
 
 
 def _space_or_study(arg: str, storage: str | None) -> tuple[str, str | None]:
@@ -62,52 +73,83 @@ def _check_custom_symbols(space) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """Every file is checked and every error of each is printed; exit 2 if any file has one."""
+    bad = 0
+    for path in args.files:
+        try:
+            _validate_file(path, args.arch, args.trust_custom_code)
+        except ConfigError as e:
+            _print_error(e)
+            bad += 1
+    return 2 if bad else 0
+
+
+def _validate_file(path: str, arch_file: bool, trust: bool) -> None:
     from hybridnas.config import load_arch, load_space
     from hybridnas.schema import Range
 
-    for path in args.files:
-        if args.arch:
-            arch = load_arch(path, trust_custom_code=args.trust_custom_code)
-            print(f"{path}: OK (architecture {arch.model.pattern!r}, d_model {arch.model.d_model})")
-            continue
-        space = load_space(path)
-        _check_custom_symbols(space)
-        searched = []
-        for k, v in space.model.items():
-            if k == "layers":
-                for sym, params in v.items():
-                    searched += [f"{sym}.{pk}" for pk, pv in params.items() if isinstance(pv, (list, Range))]
-            elif isinstance(v, (list, Range)):
-                searched.append(k)
-        searched += [k for k, v in space.train.items() if isinstance(v, (list, Range))
-                     and not (k == "lr" and space.search.lr_mode != "sample")]
-        print(f"{path}: OK")
-        print(f"  study {space.search.study_name or space.name!r}, task {space.task.name}, "
-              f"{len(space.patterns())} pattern(s), objective {space.search.objective}, "
-              f"sampler {space.search.sampler}, pruner {space.search.pruner}, {space.search.n_trials} trials")
-        print(f"  searched: {', '.join(searched) or '(nothing: a single configuration)'}")
-        if space.search.lr_mode != "sample":
-            from hybridnas.ladder import ladder_from
+    if arch_file:
+        arch = load_arch(path, trust_custom_code=trust)
+        print(f"{path}: OK (architecture {arch.model.pattern!r}, d_model {arch.model.d_model})")
+        return
+    space = load_space(path)
+    _check_custom_symbols(space)
+    searched = []
+    for k, v in space.model.items():
+        if k == "layers":
+            for sym, params in v.items():
+                searched += [f"{sym}.{pk}" for pk, pv in params.items() if isinstance(pv, (list, Range))]
+        elif isinstance(v, (list, Range)):
+            searched.append(k)
+    searched += [k for k, v in space.train.items() if isinstance(v, (list, Range))
+                 and not (k == "lr" and space.search.lr_mode != "sample")]
+    print(f"{path}: OK")
+    print(f"  study {space.search.study_name or space.name!r}, task {space.task.name}, "
+          f"{len(space.patterns())} pattern(s), objective {space.search.objective}, "
+          f"sampler {space.search.sampler}, pruner {space.search.pruner}, {space.search.n_trials} trials")
+    print(f"  searched: {', '.join(searched) or '(nothing: a single configuration)'}")
+    if space.search.lr_mode != "sample":
+        from hybridnas.ladder import ladder_from
 
-            rates = ladder_from(space.train.get("lr", 1e-3), space.search.lr_ladder)
-            print(f"  learning rate: {space.search.lr_mode} over {', '.join(f'{r:g}' for r in rates)} inside each "
-                  "trial")
-    return 0
+        rates = ladder_from(space.train.get("lr", 1e-3), space.search.lr_ladder)
+        print(f"  learning rate: {space.search.lr_mode} over {', '.join(f'{r:g}' for r in rates)} inside each "
+              "trial")
 
 
 def _fmt_values(values) -> str:
     return "-" if values is None else "/".join(f"{v:.4f}" for v in values)
 
 
+def _check_search_args(args: argparse.Namespace) -> None:
+    """Counts and amounts on the command line, refused in one line before anything is opened."""
+    for flag, value, low in (("--n-trials", args.n_trials, 1), ("--workers", args.workers, 1),
+                             ("--confirm-top", args.confirm_top, 0), ("--confirm-seeds", args.confirm_seeds, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be {'a positive integer' if low else '0 or more'}, got {value}")
+    for flag, value in (("--timeout", args.timeout), ("--confirm-budget", args.confirm_budget)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} must be a positive number, got {value:g}")
+
+
+def _trial_error(e) -> int:
+    """A bug in a trial's code: its traceback once, then one line naming the trial, its parameters and the error."""
+    traceback.print_exception(e.error)
+    print(f"error: {e}; the search stopped: this is a bug in the code the trial ran, not a failure of the "
+          "candidate. Fix it and run the same command again to resume (the trial runs again), or set "
+          "search.on_error: record to record such errors as failed trials and go on", file=sys.stderr)
+    return 1
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from hybridnas import search
     from hybridnas.config import load_space
 
+    _check_search_args(args)
     space = load_space(args.space)
     if args.seed is not None:
         space.search.seed = args.seed
     s = space.search
-    workers = args.workers or s.workers
+    workers = args.workers if args.workers is not None else s.workers
     name = args.study or s.study_name or space.name
     total = args.n_trials if args.n_trials is not None else s.n_trials
     if workers > 1 and args.worker_index is None:
@@ -120,10 +162,18 @@ def cmd_search(args: argparse.Namespace) -> int:
         study = search.load_study(name, url)
         if failed:
             return 1
+        if search.finished_count(study) < total and not (args.timeout or s.timeout):
+            return 1  # run_workers said how far it got; no confirmation or export of a study short of its target
     else:
-        study = search.run_search(space, storage=args.storage, study_name=args.study, n_trials=total,
-                                  timeout=args.timeout, quiet=args.quiet, workers=workers,
-                                  seed_offset=args.worker_index or 0)
+        report: dict = {}
+        try:
+            study = search.run_search(space, storage=args.storage, study_name=args.study, n_trials=total,
+                                      timeout=args.timeout, quiet=args.quiet, workers=workers,
+                                      seed_offset=args.worker_index or 0, report=report)
+        except search.TrialError as e:
+            return _trial_error(e)
+        if args.worker_index is None and report.get("short") not in (None, "timeout"):
+            return 1  # it said why; no confirmation or export of a study short of its target
     if args.worker_index is not None:
         return 0
     top_k = args.confirm_top if args.confirm_top is not None else s.confirm_top
@@ -540,6 +590,16 @@ TRUST = ("import the custom layer modules a file or a study's recorded architect
          "(importing a module runs its code; only for files you trust)")
 
 
+def _closed_pipe() -> int:
+    """The reader of our stdout left (``| head -1``): nothing more can be said there, and Python's flush at exit
+    would raise again, so stdout goes to /dev/null; 141 is what a process killed by SIGPIPE returns."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _one_line_errors(argparse.ArgumentParser(prog="hybridnas",
                                                  description="Architecture search over hybrid sequence models."))
@@ -716,15 +776,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except BrokenPipeError:
+        return _closed_pipe()
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        _print_error(e)
         return 2
     except ConnectionError as e:  # a storage that does not answer (storage.StorageUnavailableError)
-        if isinstance(e, BrokenPipeError):  # `hybridnas show | head`: not a storage problem
-            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

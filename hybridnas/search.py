@@ -18,19 +18,27 @@ on the built model. One objective keeps pruning; several objectives give a Paret
 
 ``n_trials`` counts trials that trained (:func:`counts_toward_budget`); infeasible, duplicate, repaired and
 invalid proposals (:func:`bookkeeping`) are counted apart and capped per run (:func:`proposal_cap`).
+
+Failures of a candidate are data (out of memory, divergence, an invalid configuration: :func:`failure_kind`); any
+other exception is a bug and stops the search with the trial's parameters (:class:`TrialError`) unless
+``search.on_error: record``. Resuming (:func:`open_study`) re-seeds the sampler past the trials already there,
+fails at once the running trials of this machine's dead processes (:func:`fail_dead_local_trials`), and refuses a
+space whose scoring settings or categorical choices changed since the study began (:func:`check_resume`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
+import logging
 import math
 import os
 import socket
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NoReturn
@@ -42,6 +50,7 @@ from optuna.exceptions import ExperimentalWarning
 from hybridnas import patterns
 from hybridnas.ladder import ladder_from, ladder_trainer
 from hybridnas.model import HybridLM
+from hybridnas.resume import check_resume, record_space
 from hybridnas.schema import (
     CONSTRAINTS,
     MAX_PARAMS,
@@ -53,14 +62,88 @@ from hybridnas.schema import (
     arch_key,
     value_options,
 )
-from hybridnas.storage import RUNS_DIR, default_storage, load_study, make_storage  # noqa: F401 (re-exported)
+from hybridnas.storage import (  # noqa: F401 (load_study, dead_local_trials, fail_dead_local_trials re-exported)
+    HOST_ATTR,
+    PID_ATTR,
+    RUNS_DIR,
+    dead_local_trials,
+    default_storage,
+    fail_dead_local_trials,
+    load_study,
+    make_storage,
+    record_process,
+    storage_errors,
+)
 from hybridnas.validation import check_train
+from hybridnas.yamlio import ConfigError
 
 warnings.filterwarnings("ignore", category=ExperimentalWarning, module="optuna")
 
 
 class InvalidTrialConfig(ValueError):
     """A sampled configuration that cannot be built; recorded on the trial, the search goes on."""
+
+
+class TrialError(RuntimeError):
+    """A trial's code raised something that is not a failure of the candidate (a bug: ``TypeError``,
+    ``AttributeError``, ...); the search stops (``search.on_error: stop``). ``error`` is the exception raised, with
+    its traceback; the trial is recorded FAIL with ``error`` and does not count toward ``n_trials``, so it re-runs
+    once the bug is fixed and the search resumed."""
+
+    def __init__(self, number: int, params: dict[str, Any], error: BaseException):
+        self.number, self.params, self.error = number, dict(params), error
+        shown = ", ".join(f"{k}={v}" for k, v in self.params.items()) or "no parameters"
+        super().__init__(f"trial {number} ({shown}) raised {type(error).__name__}: {error}")
+
+
+def failure_kind(e: BaseException) -> str | None:
+    """The ``fail_reason`` of an exception that is a failure of the candidate, recorded as data: ``out_of_memory``
+    (``torch.OutOfMemoryError``, ``MemoryError``, an allocator's out-of-memory ``RuntimeError``), ``diverged``
+    (``FloatingPointError``), ``invalid_config`` (the project's configuration errors: a layer's, a pattern's, a
+    task's, the registry's, the loader's). None for anything else: a bug."""
+    from hybridnas.tasks.base import TaskConfigError
+    from layers.base import LayerConfigError
+    from layers.registry import RegistryError
+
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return "out_of_memory"
+    if isinstance(e, RuntimeError) and any(m in str(e).lower() for m in ("out of memory", "can't allocate memory")):
+        return "out_of_memory"
+    if isinstance(e, FloatingPointError):
+        return "diverged"
+    if isinstance(e, (InvalidTrialConfig, LayerConfigError, patterns.PatternError, TaskConfigError, RegistryError,
+                      ConfigError)):
+        return "invalid_config"
+    return None
+
+
+class _QuietStops(logging.Filter):
+    """Drops Optuna's "Trial N failed ... because of the following error" record, traceback included, and the
+    "Trial N failed with value None" that follows it, for the two exceptions the caller reports itself: Ctrl-C and
+    a :class:`TrialError` (printed once, by the CLI)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped: str | None = None  # "Trial N failed with value" of the record just dropped
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (KeyboardInterrupt, TrialError)):
+            self.dropped = record.getMessage().split(" failed with parameters", 1)[0] + " failed with value"
+            return False
+        follows, self.dropped = self.dropped, None
+        return not (follows is not None and record.getMessage().startswith(follows))
+
+
+@contextlib.contextmanager
+def _quiet_stops() -> Iterator[None]:
+    logger = logging.getLogger("optuna.study._optimize")
+    f = _QuietStops()
+    logger.addFilter(f)
+    try:
+        yield
+    finally:
+        logger.removeFilter(f)
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -198,23 +281,37 @@ def resolve_storage(space: SearchSpace, storage: str | None, study_name: str | N
     return storage or space.search.storage or default_storage(name, workers)
 
 
+#: a resumed study's sampler seed moves on by this much per trial already there, past the local workers' offsets
+RESUME_SEED_STRIDE = 1000
+
+
 def open_study(space: SearchSpace, storage: str | None = None, study_name: str | None = None, *,
-               workers: int = 1, seed_offset: int = 0) -> optuna.Study:
+               workers: int = 1, seed_offset: int = 0, log: Callable[[str], None] | None = None) -> optuna.Study:
+    """Create or resume the study. A resumed study is checked against the space (:func:`check_resume`) and its
+    sampler is seeded past the trials already there: with the same seed it would propose the first run's
+    configurations again."""
     name = study_name or space.search.study_name or space.name
     url = resolve_storage(space, storage, study_name, workers)
     st = make_storage(url, space.search.heartbeat_interval, space.search.grace_period)
-    study = optuna.create_study(study_name=name, storage=st, directions=space.directions(),
-                                sampler=make_sampler(space, seed_offset), pruner=make_pruner(space),
-                                load_if_exists=True)
-    if "space_yaml" not in study.user_attrs:
-        study.set_user_attr("space_yaml", space.text)
-        study.set_user_attr("space_file", space.source.file)
-        study.set_user_attr("objective", space.objective_names()[0])
-        study.set_user_attr("objectives", space.objective_names())
-        study.set_user_attr("storage", url)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            study.set_metric_names(space.objective_names())
+    with storage_errors(url):
+        study = optuna.create_study(study_name=name, storage=st, directions=space.directions(),
+                                    sampler=make_sampler(space, seed_offset), pruner=make_pruner(space),
+                                    load_if_exists=True)
+        existing = len(study.get_trials(deepcopy=False))
+        if "space_yaml" not in study.user_attrs:
+            study.set_user_attr("space_yaml", space.text)
+            study.set_user_attr("space_file", space.source.file)
+            study.set_user_attr("objective", space.objective_names()[0])
+            study.set_user_attr("objectives", space.objective_names())
+            study.set_user_attr("storage", url)
+            record_space(study, space, suggest)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                study.set_metric_names(space.objective_names())
+        else:
+            check_resume(space, study, suggest, log)
+    if existing:
+        study.sampler = make_sampler(space, seed_offset + RESUME_SEED_STRIDE * existing)
     return study
 
 
@@ -352,6 +449,8 @@ class Objective:
             trial.study.stop()
             raise optuna.TrialPruned("the study already holds its trial cap")
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        if hasattr(trial, "storage"):
+            record_process(trial)
         notes: dict[str, Any] = {}
         try:
             arch = sample_arch(self.space, trial, notes)
@@ -417,6 +516,7 @@ class Objective:
             raise optuna.TrialPruned("infeasible before training: " + "; ".join(violations))
 
     def _train(self, trial: optuna.Trial, arch: ArchConfig, n_params: int, t0: float) -> float | list[float]:
+        from hybridnas import train as train_mod
         from hybridnas.trainers import trainer_for
 
         train = self.trainer or trainer_for(arch.task.name)
@@ -443,16 +543,18 @@ class Objective:
             measured = self._budgets(trial, arch, model, n_params)
             self._constrain(trial, measured, done)
             trial.set_user_attr("threads", arch.train.threads or torch.get_num_threads())
-            result = train(arch, self.data, on_eval=on_eval, model=model,
-                           log_dir=str(Path(RUNS_DIR) / self.study_name / "tb" / f"trial-{trial.number:05d}"),
-                           hparams=hparams)
+            with train_mod.closing_writers():  # whatever ends the trial, no TensorBoard writer stays open
+                result = train(arch, self.data, on_eval=on_eval, model=model,
+                               log_dir=str(Path(RUNS_DIR) / self.study_name / "tb" / f"trial-{trial.number:05d}"),
+                               hparams=hparams)
         except optuna.TrialPruned:
             raise
-        except torch.cuda.OutOfMemoryError as e:
-            return self._fail(trial, "out_of_memory", str(e))
-        except (ValueError, RuntimeError) as e:
-            reason = "out_of_memory" if "out of memory" in str(e).lower() else "error"
-            return self._fail(trial, reason, f"{type(e).__name__}: {e}")
+        except Exception as e:
+            reason = failure_kind(e)
+            if reason is None and self.space.search.on_error == "stop":
+                trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:500])  # no fail_reason: not counted
+                raise TrialError(trial.number, trial.params, e) from e
+            return self._fail(trial, reason or "error", f"{type(e).__name__}: {e}")
         metrics = {k: v for k, v in result.metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}
         trial.set_user_attr("metrics", metrics)
         for k, v in result.attrs.items():
@@ -492,6 +594,10 @@ def trial_note(t: optuna.trial.FrozenTrial) -> str:
         parts.insert(0, f"infeasible: {a['infeasible']}")
     if "fail_reason" in a:
         parts.insert(0, a["fail_reason"])
+    elif t.state == optuna.trial.TrialState.FAIL and "stale" in a:
+        parts.insert(0, a["stale"])
+    elif t.state == optuna.trial.TrialState.FAIL and "error" in a:
+        parts.insert(0, f"stopped the search: {a['error']}")
     if "lr" in a and "duplicate_of" not in a:
         parts.append(f"lr {a['lr']:g}")  # the ladder's winning rate
     return "; ".join(parts)
@@ -527,16 +633,35 @@ def _progress_callback(total: int, done: int, quiet: bool):
     return bar, callback
 
 
+def _where(t: optuna.trial.FrozenTrial) -> str:
+    a = t.system_attrs
+    if HOST_ATTR in a and PID_ATTR in a:
+        return f"{a[HOST_ATTR]}:{a[PID_ATTR]}"
+    return t.user_attrs.get("worker", "waiting" if t.state == optuna.trial.TrialState.WAITING else "worker unknown")
+
+
+def held_slots(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Live trials that hold a slot of the trial cap (running or waiting, not yet known to train nothing)."""
+    live = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    return [t for t in study.get_trials(deepcopy=False, states=live) if _holds_a_ticket(t)]
+
+
 def run_search(space: SearchSpace, *, storage: str | None = None, study_name: str | None = None,
                n_trials: int | None = None, timeout: float | None = None, quiet: bool = False,
                workers: int = 1, seed_offset: int = 0, objective_kwargs: dict[str, Any] | None = None,
-               gc_after_trial: bool = True) -> optuna.Study:
+               gc_after_trial: bool = True, report: dict[str, Any] | None = None) -> optuna.Study:
     """Run (or resume) the study until ``n_trials`` trials have trained (:func:`counts_toward_budget`).
 
     Proposals that train nothing (infeasible, duplicate, repaired, invalid) do not count; one run stops after
-    :func:`proposal_cap` of them and says so. A run that ends short of the target says how many trained.
-    Torch's threads are set first (:func:`hybridnas.runtime.apply_torch_threads`: the usable cores shared by
-    the local workers, unless ``train.threads`` or ``OMP_NUM_THREADS`` says otherwise).
+    :func:`proposal_cap` of them and says so. A run that ends short of the target says how many trained and why,
+    and ``report`` (when given) gets ``trained``, ``target`` and ``short``: None, or why it ended short
+    (``timeout``: the time limit the user set; ``proposals``: the proposal cap; ``held``: running trials
+    elsewhere hold the remaining slots; ``stopped``). Torch's threads are set first
+    (:func:`hybridnas.runtime.apply_torch_threads`: the usable cores shared by the local workers, unless
+    ``train.threads`` or ``OMP_NUM_THREADS`` says otherwise).
+
+    Before asking for a trial, the RUNNING trials of this host's dead processes are failed and retried
+    (:func:`fail_dead_local_trials`). A bug in a trial's code raises :class:`TrialError` (``search.on_error: stop``).
 
     ``objective_kwargs`` go to :class:`Objective` (``trainer``, ``make_run``, ``data``: a replay answers trials
     from a table through them; the rest of the loop is the search's own).
@@ -547,14 +672,16 @@ def run_search(space: SearchSpace, *, storage: str | None = None, study_name: st
     """
     from hybridnas.runtime import apply_torch_threads
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(space, storage, study_name, workers=workers, seed_offset=seed_offset)
-    stored = study.user_attrs.get("space_yaml")
-    if stored is not None and stored != space.text and not quiet:
-        print(f"note: {space.source.file} changed since study {study.study_name!r} began; "
-              "earlier trials keep the values they were sampled with")
     total = n_trials if n_trials is not None else space.search.n_trials
+    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+        raise ValueError(f"n_trials must be a positive integer, got {total!r}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(space, storage, study_name, workers=workers, seed_offset=seed_offset,
+                       log=None if quiet else print)
+    fail_dead_local_trials(study, log=print)
     done = finished_count(study)
+    if report is not None:
+        report.update(trained=done, target=total, short=None)
     if total - done <= 0:
         if not quiet:
             print(f"study {study.study_name!r} already has {done} trained trials (target {total}); nothing to run")
@@ -589,19 +716,39 @@ def run_search(space: SearchSpace, *, storage: str | None = None, study_name: st
             study.stop()
 
     t0 = time.perf_counter()
+    time_limit = timeout or space.search.timeout
     try:
         # n_trials is an upper bound only: `cap` stops the loop once the study (all workers) holds `total`
         # trained trials, or this run has made `limit` proposals that trained nothing
-        study.optimize(objective, n_trials=(total - done) + limit + 1, timeout=timeout or space.search.timeout,
-                       callbacks=[callback, cap], gc_after_trial=False)
+        with _quiet_stops():
+            study.optimize(objective, n_trials=(total - done) + limit + 1, timeout=time_limit,
+                           callbacks=[callback, cap], gc_after_trial=False)
     finally:
         bar.close()
-    hours = (time.perf_counter() - t0) / 3600
+    elapsed = time.perf_counter() - t0
+    hours = elapsed / 3600
     if "why" in ended:
         print(ended["why"])
     now = finished_count(study)
-    if now < total and "over_cap" not in ended:
-        print(f"ended short of the target: trained {now} of {total} trials; run the same command again to go on")
+    short = None
+    if now < total:
+        held = held_slots(study)
+        if "why" in ended:
+            short, why = "proposals", "too many proposals trained nothing"
+        elif "over_cap" in ended and held:
+            short = "held"
+            why = ("the remaining slot(s) are held by trial(s) running elsewhere: "
+                   + ", ".join(f"#{t.number} ({_where(t)})" for t in held)
+                   + "; they finish the study if their workers are alive, and are failed and retried once their "
+                   f"heartbeat is {space.search.grace_period} s old if not")
+        elif time_limit is not None and elapsed >= time_limit:
+            short, why = "timeout", f"the time limit ({time_limit:g} s) ran out"
+        else:
+            short, why = "stopped", "the search stopped"
+        print(f"ended short of the target: trained {now} of {total} trials: {why}; run the same command again to "
+              "go on")
+    if report is not None:
+        report.update(trained=now, short=short)
     if not quiet:
         print(f"{len(trained)} trial(s) trained in {hours * 60:.1f} min: {len(trained) / max(hours, 1e-9):.1f} "
               "trials/hour")

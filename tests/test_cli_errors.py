@@ -144,6 +144,7 @@ BAD_ONE = """\
 name: bad_one
 model:
   d_modle: 32
+  pattern: AA
 search:
   sampler: tpee
 """
@@ -151,6 +152,7 @@ search:
 BAD_TWO = """\
 name: bad_two
 task: {name: mqar, seq_len: 33}
+model: {pattern: AA}
 train:
   steps: -1
 """
@@ -165,9 +167,9 @@ def test_validate_checks_every_file_and_reports_every_error(tmp_path, capsys):
     assert "Traceback" not in err
     assert lines == [
         f"error: {one}:3: model.d_modle: " + lines[0].split("model.d_modle: ", 1)[1],
-        f"error: {one}:5: search.sampler: " + lines[1].split("search.sampler: ", 1)[1],
+        f"error: {one}:6: search.sampler: " + lines[1].split("search.sampler: ", 1)[1],
         f"error: {two}:2: task.seq_len: " + lines[2].split("task.seq_len: ", 1)[1],
-        f"error: {two}:4: train.steps: " + lines[3].split("train.steps: ", 1)[1],
+        f"error: {two}:5: train.steps: " + lines[3].split("train.steps: ", 1)[1],
     ], err
     assert "did you mean 'd_model'" in lines[0] and "did you mean 'tpe'" in lines[1]
     assert "must be even" in lines[2] and "positive" in lines[3]

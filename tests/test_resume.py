@@ -17,6 +17,9 @@ from hybridnas.cli import main
 from hybridnas.config import load_space
 from hybridnas.yamlio import ConfigError
 
+# the tests leave trials RUNNING through study.ask(), as a killed worker leaves them, outside Study.optimize
+pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+
 SPACE = """\
 name: {name}
 task: {{name: mqar, vocab_size: 32, seq_len: 16, num_kv_pairs: 2, num_train: 64, num_test: 16}}

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import importlib.util
 import os
 import socket
 import time
@@ -178,22 +177,13 @@ def storage_errors(url: str) -> Iterator[None]:
         raise StorageError(f"cannot open storage {shown_url(url)}: {_cause(e, url)}") from None
 
 
-def _with_driver(url: str) -> str:
-    """A bare ``postgresql://`` means psycopg2 to SQLAlchemy; the ``postgres`` extra installs psycopg (3), so use it
-    when psycopg2 is absent."""
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg2") is None \
-            and importlib.util.find_spec("psycopg") is not None:
-        return "postgresql+psycopg://" + url[len("postgresql://"):]
-    return url
-
-
 def rdb_storage(url: str, heartbeat_interval: int = 30, grace_period: int = 120) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats and pre-pinged connections (PostgreSQL drops idle ones)."""
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return optuna.storages.RDBStorage(_with_driver(url), engine_kwargs={"pool_pre_ping": True},
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
                                           heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                                           heartbeat_stale_trial_callback=_retry_callback())
 

@@ -90,10 +90,12 @@ def run_ladder(make_run: Callable[[float], Run], lrs: list[float], *, mode: str,
     """
     if mode not in ("ladder", "halving"):
         raise ValueError(f"lr mode must be ladder or halving here, got {mode!r}")
-    runs = {lr: make_run(lr) for lr in lrs}
+    runs: dict[float, Run] = {}
     last: dict[float, dict[str, float]] = {}
-    live = dict(runs)
     try:
+        for lr in lrs:  # inside the try: a rate that fails to build closes the ones built before it
+            runs[lr] = make_run(lr)
+        live = dict(runs)
         while live:
             evs = {}
             for lr, run in list(live.items()):

@@ -175,6 +175,20 @@ def test_full_ladder_keeps_the_best_score_and_closes_every_run_when_pruned():
     assert all(r.closed for r in made.values())
 
 
+def test_a_rate_that_fails_to_build_closes_the_rates_built_before_it():
+    made = {}
+
+    def make(lr):
+        if lr == 3:
+            raise RuntimeError("cannot build")
+        made[lr] = FakeRun(lr, CURVES[lr])
+        return made[lr]
+
+    with pytest.raises(RuntimeError, match="cannot build"):
+        run_ladder(make, [1, 2, 3], mode="halving", rung=4, target=None, on_eval=None, score=lambda r: 0.0)
+    assert set(made) == {1, 2} and all(r.closed for r in made.values())
+
+
 def test_ladder_rates_and_rung():
     assert ladder_from(Range(1e-3, 1e-1, log=True), 3) == [0.001, 0.01, 0.1]
     assert ladder_from([3e-3, 1e-3], 5) == [1e-3, 3e-3]

@@ -7,8 +7,10 @@ cost does not depend on the weights' values):
   untimed). Then for each context length, each pattern prefills that many random tokens (timed once: at 32K
   tokens it is the expensive part on a CPU; ``prefill_repeat`` times when asked), and the patterns decode
   ``decode_tokens`` greedy tokens through ``step`` in lock-step (one token per pattern per round, after
-  ``warmup`` untimed rounds), each step timed alone; ms/token is a pattern's median. The patterns of one context
-  thus share the same stretch of machine load. State bytes are measured on the state tensors after the prefill
+  ``warmup`` untimed rounds), each step timed alone; ms/token is a pattern's median (tokens/s its inverse), with
+  the fastest step beside it (on a shared machine a step that lost its core to another job takes about twice as
+  long: the minimum is the uncontended cost). The patterns of one context thus share the same stretch of machine
+  load. State bytes are measured on the state tensors after the prefill
   and shown beside the model's ``state_size`` formula.
 * **continued conversation** (:func:`run_conversation`): a history of ``history`` tokens, then a new turn of
   ``turn`` tokens; *cached* feeds the turn to a :class:`hybridnas.generation.Decoder` holding the history's state
@@ -89,6 +91,7 @@ class DecodeRow:
     context: int
     prefill_s: float | None = None
     ms_per_token: float | None = None
+    ms_per_token_min: float | None = None
     tokens_per_s: float | None = None
     state_bytes: int | None = None
     state_size_formula: int | None = None
@@ -184,6 +187,7 @@ def run_decode(patterns: list[str], contexts: list[int], *, d_model: int = 64, v
         for pattern, row in rows.items():
             if pattern in live:
                 row.ms_per_token = statistics.median(live[pattern][2]) * 1e3
+                row.ms_per_token_min = min(live[pattern][2]) * 1e3
                 row.tokens_per_s = 1e3 / row.ms_per_token
             row.load = _load()
             result.rows.append(row)
@@ -224,10 +228,11 @@ def format_decode_table(result: DecodeResult) -> str:
     lines = [f"decode: d_model {result.d_model}, vocab {result.vocab_size}, batch 1, layers "
              f"({layers or 'defaults'}), median of {result.decode_tokens} tokens after {result.warmup} warm-up, "
              f"{result.threads} threads, torch {result.torch}, {result.machine}"]
-    header = ["pattern", "params", "context", "prefill", "ms/token", "tokens/s", "state bytes", "state_size()",
+    header = ["pattern", "params", "context", "prefill", "ms/token", "min", "tokens/s", "state bytes", "state_size()",
               "load avg (1 5 15 min)"]
     body = [[r.pattern, str(result.params.get(r.pattern, "-")), str(r.context), _fmt_s(r.prefill_s),
              "-" if r.ms_per_token is None else f"{r.ms_per_token:.2f}",
+             "-" if r.ms_per_token_min is None else f"{r.ms_per_token_min:.2f}",
              "-" if r.tokens_per_s is None else f"{r.tokens_per_s:.0f}",
              "-" if r.state_bytes is None else str(r.state_bytes),
              "-" if r.state_size_formula is None else str(r.state_size_formula),

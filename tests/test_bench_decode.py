@@ -21,14 +21,12 @@ def test_decode_table_has_every_pattern_and_context(capsys):
     lines = out.strip().splitlines()
     assert lines[0].startswith("decode: d_model 32, vocab 40, batch 1")
     header = lines[1].split()
-    assert header[:5] == ["pattern", "params", "context", "prefill", "ms/token"]
+    assert header[:6] == ["pattern", "params", "context", "prefill", "ms/token", "min"]
     assert "tokens/s" in header and "state_size()" in lines[1] and "state bytes" in lines[1]
     rows = [line.split() for line in lines[2:]]
     assert [(r[0], r[2]) for r in rows] == [(p, c) for c in ("8", "24") for p in ("AA", "MM", "RR", "HA", "MA")]
     assert all("error" not in line for line in lines)
-    for r in rows:
-        float(r[5])  # ms/token is a number
-        assert r[7] == r[8]  # the measured state bytes are the state_size formula's
+    assert all(len(r) >= 11 for r in rows)  # every column filled
 
 
 def test_decode_json_and_state_growth(capsys):
@@ -40,6 +38,8 @@ def test_decode_json_and_state_growth(capsys):
     assert set(rows) == {("AA", 8), ("MM", 8), ("AA", 32), ("MM", 32)}
     for r in rows.values():
         assert r["error"] is None and r["prefill_s"] > 0 and r["ms_per_token"] > 0 and r["tokens_per_s"] > 0
+        assert 0 < r["ms_per_token_min"] <= r["ms_per_token"]
+        assert r["state_bytes"] == r["state_size_formula"]  # the state measured is what state_size() predicts
     assert rows["AA", 32]["state_bytes"] == 4 * rows["AA", 8]["state_bytes"]  # a KV cache grows with the context
     assert rows["MM", 32]["state_bytes"] == rows["MM", 8]["state_bytes"]      # a recurrent state does not
     assert data["params"]["AA"] > 0 and data["decode_tokens"] == 2

@@ -6,8 +6,9 @@ Makes a tiny export (untrained: the load does not depend on the weights' values;
 a text prompt, each later one sends only its new text with the ``conversation_id`` (continued from the server's
 state cache); requests alternate plain JSON and SSE streaming. Reported: errors (any non-200, a malformed answer,
 a wrong token count, a stream without ``[DONE]``), latency p50/p95 per request kind, time to first streamed token,
-generated tokens per second over the whole run (wall clock, first request to last answer), and the server's own
-/metrics counters.
+generated tokens per second over the whole run (wall clock, first request to last answer; tokens as
+``usage.completion_tokens``, which counts a sampled end-of-text token: a request may stop there before
+``--max-tokens``), and the server's own /metrics counters.
 
     python experiments/serve/load.py [--clients 64] [--turns 2] [--max-tokens 16] [--pattern MMMA] [--d-model 64]
 
@@ -102,7 +103,7 @@ async def _one(http: Any, call: Call, prompt: str, max_tokens: int, conv: str | 
                 call.error = f"HTTP {r.status_code}: {r.text[:200]}"
                 return None
             data = r.json()
-            call.tokens = len(data["choices"][0]["tokens"])
+            call.tokens = data["usage"]["completion_tokens"]  # as streamed: counts an end-of-text token
             call.finish = data["choices"][0]["finish_reason"]
             call.cached_tokens = data["usage"]["cached_tokens"]
             conv = data["conversation_id"]

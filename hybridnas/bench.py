@@ -1,4 +1,5 @@
-"""``hybridnas bench``: time a registered mixer's forward and forward+backward over backends and lengths.
+"""``hybridnas bench``: time a registered mixer's forward and forward+backward over backends and lengths
+(``--decode``: whole patterns decoding after a context, in :mod:`hybridnas.bench_decode`).
 
 Each backend (``naive``, ``chunked``, ``triton``; see ``layers.ops.dispatch``) is forced in turn on the same
 layer (built once per length with a fixed seed, from ``registry.get(symbol).build(d_model, params)``).
@@ -262,11 +263,49 @@ def format_table(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
+def _main_decode(args: Any) -> int:
+    """``hybridnas bench --decode``: whole patterns decoding after each context length, or (with
+    ``--conversation HISTORY+TURN``) a continued conversation from the state cache against re-prefilling it."""
+    from hybridnas import bench_decode
+
+    patterns = [p.strip() for p in (args.patterns or "").split(",") if p.strip()]
+    layers = bench_decode.layer_params(parse_params(args.params))
+    log = None if args.json or args.quiet else (lambda s: print(s, flush=True))
+    common = dict(d_model=args.d_model, vocab_size=args.vocab_size, layers=layers, seed=args.seed, log=log)
+    result: Any
+    if args.conversation:
+        history, plus, turn = args.conversation.partition("+")
+        bad = BenchError(f"--conversation {args.conversation!r}: expected HISTORY+TURN token counts, e.g. 2048+16")
+        try:
+            h, t = int(history), int(turn)
+        except ValueError:
+            raise bad from None
+        if not plus:
+            raise bad
+        result = bench_decode.run_conversation(patterns, h, t, rounds=args.rounds, **common)
+        table = bench_decode.format_conversation_table
+    else:
+        contexts = [int(s) for s in args.contexts.split(",") if s.strip()]
+        result = bench_decode.run_decode(patterns, contexts, decode_tokens=args.decode_tokens, warmup=args.warmup,
+                                         prefill_repeat=args.prefill_repeat, **common)
+        table = bench_decode.format_decode_table
+    print(result.to_json() if args.json else table(result))
+    return 0
+
+
 def main(args: Any) -> int:
     """Entry point of ``hybridnas bench`` (``args`` from the CLI parser)."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "decode", False):
+        try:
+            return _main_decode(args)
+        except (BenchError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
+        if not args.mixer:
+            raise BenchError("--mixer is required (or --decode to time whole patterns decoding)")
         params = parse_params(args.params)
         backends = [b.strip() for b in args.backends.split(",") if b.strip()]
         seq_lens = [int(s) for s in args.seq_lens.split(",") if s.strip()]

@@ -703,9 +703,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     s.set_defaults(func=cmd_serve)
 
-    s = sub.add_parser("bench", help="time a mixer's forward and forward+backward over backends and lengths")
-    s.add_argument("--mixer", required=True, help="registered symbol, e.g. M")
-    s.add_argument("--params", default="", help="layer parameters, e.g. variant=mamba3,mimo_rank=2,d_state=32")
+    s = sub.add_parser("bench", help="time a mixer's forward and forward+backward over backends and lengths; "
+                                     "--decode: whole patterns' ms/token and state bytes against context length")
+    s.add_argument("--mixer", help="registered symbol, e.g. M (required without --decode)")
+    s.add_argument("--params", default="", help="layer parameters, e.g. variant=mamba3,mimo_rank=2,d_state=32 "
+                                                "(with --decode: SYMBOL.key=value, e.g. M.d_state=16,H.filter=modal)")
     s.add_argument("--backends", default="naive,chunked",
                    help="comma list: naive, chunked, triton, auto, or a peer (mamba3-ssm, mamba3-ssm-proj, "
                         "fla-simple-gla, fla-rwkv7, mamba-ssm-ssd, mamba-ssm-mamba3, sdpa); ratios vs the first")
@@ -721,6 +723,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", help="float32, bf16 or fp16 for the layer, peers and input")
     s.add_argument("--json", action="store_true", help="print JSON instead of the table")
     s.add_argument("--quiet", action="store_true", help="no per-cell progress lines")
+    d = s.add_argument_group("decode (--decode)")
+    d.add_argument("--decode", action="store_true", help="time whole models decoding: prefill, ms/token and state "
+                                                         "bytes after each context length (batch 1, CPU)")
+    d.add_argument("--patterns", help="comma list of patterns at the same --d-model, e.g. AAAA,MMMM,RRRR,HHHA,MMMA")
+    d.add_argument("--contexts", default="1024,8192,32768", help="comma list of context lengths (tokens)")
+    d.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded after each context (median)")
+    d.add_argument("--prefill-repeat", type=int, default=1, help="timed prefills per cell (the median)")
+    d.add_argument("--conversation", help="HISTORY+TURN, e.g. 2048+16: a turn fed from the cached state of the "
+                                          "history against re-prefilling both, alternating rounds")
+    d.add_argument("--rounds", type=int, default=7, help="timed rounds of --conversation (medians)")
+    d.add_argument("--vocab-size", type=int, default=256)
+    d.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("sweep", help="train every architecture of a finite space over an lr ladder, seeds and "

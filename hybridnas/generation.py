@@ -3,7 +3,8 @@
 
 :class:`Decoder` holds one sequence's decoding state (every block's state plus the logits for the next token) and
 extends it: :meth:`Decoder.feed` runs new prompt tokens (a prefill when the state is empty, else one ``step`` per
-token, so a continued conversation processes only its new tokens), :meth:`Decoder.generate` yields sampled tokens
+chunk of up to :data:`FEED_CHUNK` new tokens, so a continued conversation processes only its new tokens, in one
+layer call per chunk rather than one per token), :meth:`Decoder.generate` yields sampled tokens
 one at a time and steps each one in, so the state afterwards covers every token seen. Greedy decoding
 (``temperature=0``) picks the same tokens as ``HybridLM.generate``.
 """
@@ -18,6 +19,16 @@ import torch
 import torch.nn.functional as F
 
 from hybridnas.model import HybridLM
+
+#: new tokens of a continued sequence run through one ``step`` call at most this many at a time (an attention
+#: block's step attends a chunk to the whole cache with an explicit mask: chunk x cache scores in memory)
+FEED_CHUNK = 256
+
+
+def steps_chunks(model: HybridLM) -> bool:
+    """Whether every block's ``step`` takes several tokens at once: true of the built-in layers (``layers.*``,
+    tested in tests/test_decode_feed.py); the mixer contract asks a custom layer only for one-token steps."""
+    return all(type(b.layer).__module__.split(".")[0] == "layers" for b in model.blocks)
 
 
 @dataclass
@@ -74,7 +85,8 @@ class Decoder:
 
     @torch.no_grad()
     def feed(self, ids: list[int]) -> None:
-        """Run new tokens: a prefill on an empty state, else one ``step`` per token from the state."""
+        """Run new tokens: a prefill on an empty state, else ``step`` from the state on chunks of at most
+        :data:`FEED_CHUNK` tokens (one token at a time where a block's layer is custom code)."""
         if not ids:
             return
         device = self.model.embed.weight.device
@@ -83,8 +95,10 @@ class Decoder:
             logits, self.states = self.model.prefill(x)
             self.logits = logits[:, -1]
         else:
-            for i in range(x.shape[1]):
-                self.logits, self.states = self.model.step(x[:, i], self.states)
+            size = FEED_CHUNK if steps_chunks(self.model) else 1
+            for i in range(0, x.shape[1], size):
+                chunk = x[:, i:i + size]
+                self.logits, self.states = self.model.step(chunk[:, 0] if size == 1 else chunk, self.states)
         self.seen += len(ids)
 
     @torch.no_grad()

@@ -55,6 +55,7 @@ from hybridnas.schema import (
 )
 from hybridnas.storage import RUNS_DIR, default_storage, load_study, make_storage  # noqa: F401 (re-exported)
 from hybridnas.validation import check_train
+from layers.ops import dispatch
 
 warnings.filterwarnings("ignore", category=ExperimentalWarning, module="optuna")
 
@@ -436,6 +437,17 @@ class Objective:
 
         hparams = {"pattern": arch.model.pattern, **{k: v for k, v in trial.params.items() if k != "pattern"}}
         try:
+            return self._train_and_score(trial, arch, n_params, t0, train, on_eval, hparams, out_dir)
+        finally:  # a Triton path that failed its self-check ran chunked in this trial: say so on the trial
+            fallbacks = dispatch.fallbacks()
+            if fallbacks:
+                trial.set_user_attr("backend_fallbacks", fallbacks)
+
+    def _train_and_score(self, trial: optuna.Trial, arch: ArchConfig, n_params: int, t0: float, train: Any,
+                         on_eval: Any, hparams: dict[str, Any], out_dir: Path) -> float | list[float]:
+        primary = self.names[0]
+        multi = len(self.names) > 1
+        try:
             done: set[str] = set()
             self._constrain(trial, {"params": n_params}, done)  # from the formulas: nothing built for a broken budget
             torch.manual_seed(arch.train.seed)  # the initial weights follow the trial's seed, not the process
@@ -455,6 +467,8 @@ class Objective:
             return self._fail(trial, reason, f"{type(e).__name__}: {e}")
         metrics = {k: v for k, v in result.metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}
         trial.set_user_attr("metrics", metrics)
+        if metrics.get("compile_error"):  # torch.compile failed: the trial trained eagerly
+            trial.set_user_attr("compile_fallback", metrics["compile_error"])
         for k, v in result.attrs.items():
             trial.set_user_attr(k, v)
         if "lr" in result.attrs:  # the ladder's winning rate is the one the exported architecture trains with

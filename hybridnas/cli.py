@@ -298,6 +298,12 @@ def _floats(text: str | None, what: str) -> list[float] | None:
         raise ValueError(f"{what} must be a comma list of numbers, got {text!r}") from None
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from hybridnas import doctor
+
+    return doctor.run(interpret=args.interpret)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from hybridnas.config import load_space
     from hybridnas.sweep import SweepPlan, enumerate_space, lr_ladder, open_sweep_study, run_sweep, write_table
@@ -506,6 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(every combination; the last line is the first combination's)")
     s.add_argument("--out", help="write OUT.png (hit rate and regret against compute) and OUT.json")
     s.set_defaults(func=cmd_replay)
+
+    s = sub.add_parser("doctor", help="versions, devices, the backend each op gets on each device, and the Triton "
+                                      "self-checks")
+    s.add_argument("--interpret", action="store_true",
+                   help="on CPU, check the Triton kernels under TRITON_INTERPRET=1 (slow; CPU training skips them)")
+    s.set_defaults(func=cmd_doctor)
 
     s = sub.add_parser("validate", help="check search-space YAML files without training anything")
     s.add_argument("files", nargs="+")

@@ -474,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", help="float32, bf16 or fp16 for the layer, peers and input")
     s.add_argument("--json", action="store_true", help="print JSON instead of the table")
     s.add_argument("--quiet", action="store_true", help="no per-cell progress lines")
+    s.add_argument("--compile", action="store_true",
+                   help="also time each backend through torch.compile (rows <backend>+compile, compiled in warm-up)")
+    s.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile (inductor)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("sweep", help="train every architecture of a finite space over an lr ladder, seeds and "

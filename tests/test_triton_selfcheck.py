@@ -122,3 +122,42 @@ def test_search_with_forced_triton_records_fallbacks(fake_triton, tmp_path, monk
         assert t.state.name == "COMPLETE", (t.state, t.user_attrs.get("error"))
         fb = t.user_attrs["backend_fallbacks"]
         assert set(fb) == {"mamba2/cpu/float32", "rwkv7/cpu/float32"}, fb
+
+
+@pytest.mark.parametrize("kernel", ["broken", "good"])
+def test_self_check_under_torch_compile(monkeypatch, kernel):
+    """The check runs eagerly inside a compiled layer (torch.compiler.disable); the compiled layer then runs the
+    chunked path (kernel raising) or the kernel (kernel passing), and matches eager."""
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append(1)
+        if kernel == "broken":
+            raise RuntimeError("launch failed (simulated)")
+        return mamba2_op.ssd_chunked(*args, **kwargs)
+
+    monkeypatch.setitem(mamba2_op.BACKENDS, "triton", fake)
+    monkeypatch.setattr(dispatch, "triton_usable", lambda device: True)
+    dispatch.reset_checks()
+    torch._dynamo.reset()
+    try:
+        from hybridnas import registry
+
+        torch.manual_seed(0)
+        layer = registry.get("M").build(32, {"variant": "mamba2", "d_state": 8, "headdim": 16, "chunk_size": 8})
+        x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0))
+        ref = layer(x, {})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            with dispatch.force("triton"):
+                compiled = torch.compile(layer, backend="eager")
+                got = [compiled(x, {}) for _ in range(2)]
+        for y in got:
+            torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-4)
+        if kernel == "broken":
+            assert len(calls) == 1 and "mamba2/cpu/float32" in dispatch.fallbacks()
+        else:
+            assert len(calls) >= 3 and dispatch.fallbacks() == {}  # the check, then the kernel in each call
+    finally:
+        dispatch.reset_checks()
+        torch._dynamo.reset()

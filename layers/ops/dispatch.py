@@ -154,6 +154,7 @@ def _fall_back(key: tuple[str, str, str], reason: str) -> None:
                       RuntimeWarning, stacklevel=4)
 
 
+@torch.compiler.disable  # runs eagerly even inside torch.compile (dynamo then sees only the cached answer)
 def self_check(op: str, available: dict[str, Callable[..., Any]], device: torch.device, dtype: torch.dtype,
                args: tuple = (), kwargs: dict | None = None) -> bool:
     """Whether ``op``'s Triton path may run on (device, dtype): checked against ``chunked`` once, then cached.
@@ -232,7 +233,10 @@ def run(op: str, available: dict[str, Callable[..., Any]], x: torch.Tensor, *arg
     name = choose(op, available, x.device, backend)
     if name != "triton" or "chunked" not in available:
         return available[name](x, *args, **kwargs)
-    if not self_check(op, available, x.device, x.dtype, (x, *args), kwargs):
+    ok = _CHECKED.get(_key(op, x.device, x.dtype))
+    if ok is None:
+        ok = self_check(op, available, x.device, x.dtype, (x, *args), kwargs)
+    if not ok:
         return available["chunked"](x, *args, **kwargs)
     try:
         return available["triton"](x, *args, **kwargs)

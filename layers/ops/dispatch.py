@@ -154,7 +154,6 @@ def _fall_back(key: tuple[str, str, str], reason: str) -> None:
                       RuntimeWarning, stacklevel=4)
 
 
-@torch.compiler.disable  # runs eagerly even inside torch.compile (dynamo then sees only the cached answer)
 def self_check(op: str, available: dict[str, Callable[..., Any]], device: torch.device, dtype: torch.dtype,
                args: tuple = (), kwargs: dict | None = None) -> bool:
     """Whether ``op``'s Triton path may run on (device, dtype): checked against ``chunked`` once, then cached.
@@ -191,6 +190,18 @@ def self_check(op: str, available: dict[str, Callable[..., Any]], device: torch.
         return False
     _CHECKED[key] = True
     return True
+
+
+_eager_self_check: list[Callable[..., bool]] = []
+
+
+def _self_check_outside_graph(*args: Any) -> bool:
+    """:func:`self_check` run eagerly from inside ``torch.compile`` (dynamo then sees only the cached answer).
+    Wrapped on first use: ``torch.compiler.disable`` imports dynamo, which imports triton, and the Triton
+    interpreter needs ``TRITON_INTERPRET`` set before triton is first imported."""
+    if not _eager_self_check:
+        _eager_self_check.append(torch.compiler.disable(self_check))
+    return _eager_self_check[0](*args)
 
 
 def requested(backend: str | None = None) -> str:
@@ -235,7 +246,8 @@ def run(op: str, available: dict[str, Callable[..., Any]], x: torch.Tensor, *arg
         return available[name](x, *args, **kwargs)
     ok = _CHECKED.get(_key(op, x.device, x.dtype))
     if ok is None:
-        ok = self_check(op, available, x.device, x.dtype, (x, *args), kwargs)
+        check = _self_check_outside_graph if torch.compiler.is_compiling() else self_check
+        ok = check(op, available, x.device, x.dtype, (x, *args), kwargs)
     if not ok:
         return available["chunked"](x, *args, **kwargs)
     try:

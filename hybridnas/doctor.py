@@ -10,6 +10,7 @@ import importlib.metadata
 import os
 import platform
 import shutil
+import sys
 from collections.abc import Callable
 
 import torch
@@ -79,8 +80,10 @@ def op_rows(device: torch.device, interpret: bool) -> list[tuple[str, str, str]]
 
 
 def run(interpret: bool = False, out: Callable[[str], None] = print) -> int:
+    late = False
     if interpret:
-        # before any kernel module is imported: @triton.jit then builds interpreted kernels
+        # before triton is first imported: @triton.jit (triton's own helpers too) then builds interpreted kernels
+        late = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
         os.environ["TRITON_INTERPRET"] = "1"
     for name, value in versions().items():
         out(f"{name:8s} {value}")
@@ -90,6 +93,9 @@ def run(interpret: bool = False, out: Callable[[str], None] = print) -> int:
     if forced:
         out(f"{dispatch.ENV}={forced} (forces every op's backend)")
     out("train.compile auto: torch.compile on CUDA, eager on CPU")
+    if late:
+        out("note: triton was imported before TRITON_INTERPRET=1 was set; CPU self-checks may fail for that reason "
+            "alone (run `hybridnas doctor --interpret` in a fresh process)")
     failed = False
     for device in devices():
         out("")

@@ -161,3 +161,19 @@ def test_self_check_under_torch_compile(monkeypatch, kernel):
     finally:
         dispatch.reset_checks()
         torch._dynamo.reset()
+
+
+def test_importing_the_ops_imports_no_triton():
+    """The self-check's dynamo wrapper is made on first use: importing dispatch and the ops imports neither
+    torch._dynamo nor triton (the Triton interpreter needs TRITON_INTERPRET set before triton's first import)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from layers.ops import dispatch; dispatch.import_ops(); import hybridnas.doctor; "
+            "print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

@@ -80,7 +80,11 @@ def test_layer_compiles_and_matches_eager(symbol, params, record_property):
     record_property("graph_breaks", n_breaks)
     print(f"\n{symbol} {params}: {n_breaks} graph break(s) [{BACKEND}] {reasons[:3]}")
     torch._dynamo.reset()
-    got = _run(layer, torch.compile(layer, backend=BACKEND, fullgraph=False), x, gy)
+    # torch 2.13's AOTAutograd cache replays an aliased output of the R layer with garbage sizes when it hits
+    # (RuntimeError: shape '[94398234158734, ...]' is invalid) - a torch bug, not the layer's: a cold compile
+    # matches eager, so the cache is off here (in training such an error falls back to eager and is recorded)
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        got = _run(layer, torch.compile(layer, backend=BACKEND, fullgraph=False), x, gy)
     assert set(got) == set(ref)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], **TOL, msg=lambda m, n=name: f"{symbol} {n}: {m}")

@@ -252,6 +252,8 @@ def run(op: str, available: dict[str, Callable[..., Any]], x: torch.Tensor, *arg
         return available["chunked"](x, *args, **kwargs)
     try:
         return available["triton"](x, *args, **kwargs)
+    except torch.cuda.OutOfMemoryError:  # the batch is too large, not the kernel broken: the caller decides
+        raise
     except Exception as e:  # passed its check, fails on this input (shape, resources): chunked from now on
         out = available["chunked"](x, *args, **kwargs)  # raises too on a bad input: then nothing is recorded
         _fall_back(_key(op, x.device, x.dtype), f"raised {type(e).__name__}: {str(e)[:200]}")

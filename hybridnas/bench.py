@@ -13,6 +13,10 @@ GPU kernel peers (flash-linear-attention, mamba_ssm, PyTorch SDPA flash) are in
 Timing: ``warmup`` untimed runs, then the median of ``repeat`` timed runs. ``fwd`` runs under ``no_grad``;
 ``fwd+bwd`` runs the forward with autograd and backpropagates a fixed random output gradient into the
 parameters. Ratios are speed-ups against the first backend listed (``t_first / t``).
+
+``compile`` (``--compile``) adds, under each backend's row, the same layer through ``torch.compile`` (inductor by
+default, ``--compile-backend``) as ``<backend>+compile``: eager and compiled side by side. The compile happens
+in the warm-up (at least one untimed run per mode), so the times are those of compiled steps.
 """
 
 from __future__ import annotations
@@ -108,6 +112,7 @@ class Row:
     fwd_speedup: float | None = None
     fwd_bwd_speedup: float | None = None
     error: str | None = None
+    compiled: bool = False
 
 
 @dataclass
@@ -120,6 +125,7 @@ class BenchResult:
     warmup: int
     threads: int
     budget: float | None = None
+    compile_backend: str | None = None  # torch.compile backend of the +compile rows; None: no such rows
     torch: str = torch.__version__
     machine: str = field(default_factory=lambda: f"{platform.machine()}, {os.cpu_count()} cpus")
     rows: list[Row] = field(default_factory=list)
@@ -176,9 +182,12 @@ def _measure(module: nn.Module, x: torch.Tensor, modes: tuple[str, ...], warmup:
 def run_bench(mixer: str, params: dict[str, Any], backends: list[str], seq_lens: list[int], *, batch: int = 8,
               d_model: int = 128, repeat: int = 3, warmup: int = 1, modes: tuple[str, ...] = MODES,
               budget: float | None = None, seed: int = 0, log: Callable[[str], None] | None = None,
-              device: str = "cpu", dtype: str = "float32") -> BenchResult:
+              device: str = "cpu", dtype: str = "float32", compile: bool = False,
+              compile_backend: str = "inductor") -> BenchResult:
     """Time ``mixer`` (a registry symbol) with ``params`` over ``backends`` x ``seq_lens``; ``budget`` caps the
-    timed seconds per cell (see :func:`_time`); ``device`` and ``dtype`` place the modules and the input."""
+    timed seconds per cell (see :func:`_time`); ``device`` and ``dtype`` place the modules and the input.
+    ``compile``: each backend (not the peers) also runs through ``torch.compile(layer, backend=compile_backend)``
+    in a ``<backend>+compile`` row below its eager one."""
     from hybridnas import registry
     from layers.ops import dispatch
 
@@ -198,13 +207,17 @@ def run_bench(mixer: str, params: dict[str, Any], backends: list[str], seq_lens:
         raise BenchError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     dev, dt = torch.device(device), DTYPES[dtype]
     spec.make_config(params)  # unknown keys fail before any timing
-    result = BenchResult(mixer, dict(params), batch, d_model, repeat, warmup, torch.get_num_threads(), budget)
+    result = BenchResult(mixer, dict(params), batch, d_model, repeat, warmup, torch.get_num_threads(), budget,
+                         compile_backend if compile else None)
+    runs = [(b, False) for b in backends]
+    if compile:
+        runs = [r for b in backends for r in ([(b, False), (b, True)] if b not in PEERS else [(b, False)])]
     for seq_len in seq_lens:
         x = torch.randn(batch, seq_len, d_model, generator=torch.Generator().manual_seed(seed)).to(dev, dt)
         layer = None
         first: Row | None = None
-        for backend in backends:
-            row = Row(seq_len, backend)
+        for backend, compiled in runs:
+            row = Row(seq_len, f"{backend}+compile" if compiled else backend, compiled=compiled)
             try:
                 torch.manual_seed(seed)
                 if backend in PEERS:
@@ -215,7 +228,11 @@ def run_bench(mixer: str, params: dict[str, Any], backends: list[str], seq_lens:
                     if layer is None:
                         layer = spec.build(d_model, params).to(dev, dt)
                     module, forced = layer, backend
-                row.fwd_s, row.fwd_bwd_s = _measure(module, x, modes, warmup, repeat, forced, budget)
+                if compiled:
+                    torch._dynamo.reset()  # a fresh compile per row: no graph of another backend reused
+                    module = torch.compile(layer, backend=compile_backend)
+                row.fwd_s, row.fwd_bwd_s = _measure(module, x, modes, max(warmup, 1) if compiled else warmup,
+                                                    repeat, forced, budget)
             except Exception as e:  # one failing backend must not hide the others
                 row.error = f"{type(e).__name__}: {e}"
             if first is None:
@@ -253,7 +270,8 @@ def format_table(result: BenchResult) -> str:
              f"median of {result.repeat} after {result.warmup} warm-up"
              + (f" (at most {result.budget:g} s per cell)" if result.budget else "")
              + f", {result.threads} threads, "
-             f"torch {result.torch}"]
+             f"torch {result.torch}"
+             + (f"; +compile rows: torch.compile({result.compile_backend})" if result.compile_backend else "")]
     header = ["seq_len", "backend", "fwd", "fwd+bwd", f"fwd speed-up vs {first}", f"fwd+bwd speed-up vs {first}"]
     body = [[str(r.seq_len), r.backend, _fmt_t(r.fwd_s), _fmt_t(r.fwd_bwd_s), _fmt_r(r.fwd_speedup),
              _fmt_r(r.fwd_bwd_speedup) + (f"  error: {r.error}" if r.error else "")] for r in result.rows]
@@ -313,7 +331,9 @@ def main(args: Any) -> int:
         log = None if args.json or args.quiet else (lambda s: print(s, flush=True))
         result = run_bench(args.mixer, params, backends, seq_lens, batch=args.batch, d_model=args.d_model,
                            repeat=args.repeat, warmup=args.warmup, modes=modes, budget=args.budget, log=log,
-                           device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", "float32"))
+                           device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", "float32"),
+                           compile=getattr(args, "compile", False),
+                           compile_backend=getattr(args, "compile_backend", "inductor"))
     except (BenchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -492,6 +492,12 @@ def _floats(text: str | None, what: str) -> list[float] | None:
         raise ValueError(f"{what} must be a comma list of numbers, got {text!r}") from None
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from hybridnas import doctor
+
+    return doctor.run(interpret=args.interpret)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from hybridnas.config import load_space
     from hybridnas.sweep import SweepPlan, enumerate_space, lr_ladder, open_sweep_study, run_sweep, write_table
@@ -735,6 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rounds", type=int, default=7, help="timed rounds of --conversation (medians)")
     d.add_argument("--vocab-size", type=int, default=256)
     d.add_argument("--seed", type=int, default=0)
+    s.add_argument("--compile", action="store_true",
+                   help="also time each backend through torch.compile (rows <backend>+compile, compiled in warm-up)")
+    s.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile (inductor)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("sweep", help="train every architecture of a finite space over an lr ladder, seeds and "
@@ -773,6 +782,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(every combination; the last line is the first combination's)")
     s.add_argument("--out", help="write OUT.png (hit rate and regret against compute) and OUT.json")
     s.set_defaults(func=cmd_replay)
+
+    s = sub.add_parser("doctor", help="versions, devices, the backend each op gets on each device, and the Triton "
+                                      "self-checks")
+    s.add_argument("--interpret", action="store_true",
+                   help="on CPU, check the Triton kernels under TRITON_INTERPRET=1 (slow; CPU training skips them)")
+    s.set_defaults(func=cmd_doctor)
 
     s = sub.add_parser("validate", help="check search-space YAML files without training anything")
     s.add_argument("files", nargs="+")

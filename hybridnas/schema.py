@@ -97,6 +97,8 @@ class TrainConfig:
     bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU)
     max_time: Annotated[float, Positive, Finite] | None = None  # seconds; stops the run (reason "time") when exceeded
     threads: Annotated[int, Ge(1), Le(4096)] | None = None  # torch intra-op threads; None: torch's default
+    # torch.compile the model for training steps: auto compiles on CUDA and stays eager on CPU (README "Compile")
+    compile: Literal["auto"] | bool = "auto"
 
 
 @dataclass

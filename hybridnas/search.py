@@ -76,6 +76,7 @@ from hybridnas.storage import (  # noqa: F401 (load_study, dead_local_trials, fa
 )
 from hybridnas.validation import check_train
 from hybridnas.yamlio import ConfigError
+from layers.ops import dispatch
 
 warnings.filterwarnings("ignore", category=ExperimentalWarning, module="optuna")
 
@@ -516,7 +517,6 @@ class Objective:
             raise optuna.TrialPruned("infeasible before training: " + "; ".join(violations))
 
     def _train(self, trial: optuna.Trial, arch: ArchConfig, n_params: int, t0: float) -> float | list[float]:
-        from hybridnas import train as train_mod
         from hybridnas.trainers import trainer_for
 
         train = self.trainer or trainer_for(arch.task.name)
@@ -535,6 +535,19 @@ class Objective:
                     raise optuna.TrialPruned(f"pruned at step {step} ({primary}={value:.4f})")
 
         hparams = {"pattern": arch.model.pattern, **{k: v for k, v in trial.params.items() if k != "pattern"}}
+        try:
+            return self._train_and_score(trial, arch, n_params, t0, train, on_eval, hparams, out_dir)
+        finally:  # a Triton path that failed its self-check ran chunked in this trial: say so on the trial
+            fallbacks = dispatch.fallbacks()
+            if fallbacks:
+                trial.set_user_attr("backend_fallbacks", fallbacks)
+
+    def _train_and_score(self, trial: optuna.Trial, arch: ArchConfig, n_params: int, t0: float, train: Any,
+                         on_eval: Any, hparams: dict[str, Any], out_dir: Path) -> float | list[float]:
+        from hybridnas import train as train_mod
+
+        primary = self.names[0]
+        multi = len(self.names) > 1
         try:
             done: set[str] = set()
             self._constrain(trial, {"params": n_params}, done)  # from the formulas: nothing built for a broken budget
@@ -557,6 +570,8 @@ class Objective:
             return self._fail(trial, reason or "error", f"{type(e).__name__}: {e}")
         metrics = {k: v for k, v in result.metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}
         trial.set_user_attr("metrics", metrics)
+        if metrics.get("compile_error"):  # torch.compile failed: the trial trained eagerly
+            trial.set_user_attr("compile_fallback", metrics["compile_error"])
         for k, v in result.attrs.items():
             trial.set_user_attr(k, v)
         if "lr" in result.attrs:  # the ladder's winning rate is the one the exported architecture trains with

@@ -9,6 +9,11 @@ reported), ``select_by = "loss"`` (keep the weights of the lowest loss rather th
 ``train_stream(batch_size, seed) -> iterator of (inputs, labels)`` to feed batches from a stream instead of
 the in-memory ``train_inputs`` (a corpus larger than memory).
 
+``train.compile`` (``auto``: on CUDA only) runs the training steps through ``torch.compile(model)``; evaluation
+stays eager. A compile that fails when first called (or at a recompile) warns once and the run goes on eagerly,
+with ``compiled: false`` and ``compile_error`` in its metrics (``hybridnas search`` copies the error to the
+trial's ``compile_fallback`` user attr) instead of failing.
+
 The model keeps the weights of its best evaluation (highest accuracy, then lowest loss), so the weights a
 search saves or exports are the ones that earned the reported score. A non-finite loss ends the run with
 ``stop_reason="nan"``; the caller decides what that means for a trial.
@@ -22,6 +27,7 @@ import math
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +58,14 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"train.device is {name!r} but CUDA is not available on this machine")
     return dev
+
+
+def wants_compile(setting: str | bool, device: torch.device) -> bool:
+    """``train.compile``: true or false as given; ``auto`` compiles on CUDA only (on CPU the quickstart model
+    trained no faster compiled, see README "Compile", and each trial would pay the compile time)."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return bool(setting)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -181,6 +195,13 @@ class TrainRun:
         self.model = model
         model.to(device)
         model.train()
+        self.compile_error: str | None = None
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = model
+        if wants_compile(cfg.compile, device):
+            try:
+                self.forward = torch.compile(model)
+            except Exception as e:  # torch.compile refused outright (unsupported platform or Python)
+                self._compile_failed(e)
         self.opt = make_optimizer(model, cfg)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.data = data
@@ -241,18 +262,18 @@ class TrainRun:
             lr = lr_at(step - 1, cfg)
             for g in self.opt.param_groups:
                 g["lr"] = lr
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                logits = model(x)
-            loss = masked_loss(logits, y)
-            aux = model.aux_loss()
-            total = loss + aux if aux is not None else loss
-            if not torch.isfinite(total):
+            try:
+                loss, aux, finite = self._forward_backward(x, y)
+            except Exception as e:
+                if self.forward is model:  # eager: a real error
+                    raise
+                self._compile_failed(e)
+                loss, aux, finite = self._forward_backward(x, y)
+            if not finite:
                 self.stop_reason = "nan"
                 self.last_loss = loss.item()
                 self.done = True
                 break
-            self.opt.zero_grad(set_to_none=True)
-            total.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             self.opt.step()
@@ -273,6 +294,27 @@ class TrainRun:
             if ev is not None:
                 return ev
         return None
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """Loss and aux loss of one batch; gradients filled in when the total is finite (the flag returned)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits = self.forward(x)
+        loss = masked_loss(logits, y)
+        aux = self.model.aux_loss()
+        total = loss + aux if aux is not None else loss
+        if not torch.isfinite(total):
+            return loss, aux, False
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        return loss, aux, True
+
+    def _compile_failed(self, e: BaseException) -> None:
+        """torch.compile failed: warn once, train eagerly from here on, keep the reason for the metrics."""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        self.compile_error = f"{type(e).__name__}: {first}"[:500]
+        self.forward = self.model
+        warnings.warn(f"torch.compile failed ({self.compile_error}); training eagerly instead", RuntimeWarning,
+                      stacklevel=3)
 
     def _evaluate(self, step: int) -> dict[str, float] | None:
         cfg, writer = self.cfg, self.writer
@@ -335,7 +377,10 @@ class TrainRun:
             "peak_memory_mb": _peak_memory_mb(self.device),
             "params": model.num_params(),
             "device": str(self.device),
+            "compiled": self.forward is not model,
         }
+        if self.compile_error is not None:
+            metrics["compile_error"] = self.compile_error
         if self.writer is not None and self.hparams is not None:
             clean = {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in self.hparams.items()}
             final = {f"hparam/{k}": float(metrics[k]) for k in ("accuracy", "loss", "tokens_per_s", "peak_memory_mb")

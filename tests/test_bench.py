@@ -111,3 +111,20 @@ def test_mamba3_ssm_peer_and_its_projection_floor(monkeypatch):
     res = bench.run_bench("M", {"variant": "mamba2", "d_state": 8, "headdim": 16}, ["mamba3-ssm-proj"], [4],
                           batch=1, d_model=32, repeat=1, warmup=0)
     assert "only variant mamba3" in res.rows[0].error
+
+
+def test_bench_compile_prints_eager_and_compiled_rows(capsys):
+    """``--compile``: a compiled row under each backend's eager row (aot_eager keeps this test fast; no timing
+    is checked)."""
+    argv = ["bench", "--mixer", "A", "--params", "n_heads=2", "--backends", "chunked,auto",
+            "--seq-lens", "6", "--batch", "1", "--d-model", "32", "--repeat", "1", "--warmup", "0", "--quiet",
+            "--modes", "fwd+bwd", "--compile", "--compile-backend", "aot_eager"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert [r[1] for r in rows] == ["chunked", "chunked+compile", "auto", "auto+compile"], out
+    assert "error" not in out and "torch.compile(aot_eager)" in out
+    assert all(r[2] == "-" and r[3] != "-" for r in rows), out  # fwd+bwd timed in every row
+    assert main(argv[:-3] + ["--json"]) == 0  # without --compile: no compiled rows
+    res = json.loads(capsys.readouterr().out)
+    assert [r["backend"] for r in res["rows"]] == ["chunked", "auto"] and res["compile_backend"] is None

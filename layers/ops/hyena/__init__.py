@@ -18,6 +18,7 @@ from layers.ops.hyena.naive import long_conv_naive
 __all__ = ["BACKENDS", "long_conv", "long_conv_fft", "long_conv_naive"]
 
 BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"naive": long_conv_naive, "chunked": long_conv_fft}
+dispatch.register("hyena_conv", BACKENDS)
 
 
 def long_conv(u: torch.Tensor, h: torch.Tensor, skip: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:

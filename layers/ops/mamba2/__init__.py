@@ -27,6 +27,22 @@ BACKENDS: dict[str, Any] = {"naive": ssd_naive, "chunked": ssd_chunked}
 BACKENDS.update(dispatch.triton_backend("layers.ops.mamba2.triton", "ssd_triton"))  # where triton is installed
 
 
+def probe(device: torch.device, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """A tiny input for the Triton self-check (two chunks, the second partial)."""
+    g = torch.Generator().manual_seed(0)
+    b, t, h, p, n = 1, 20, 2, 16, 16
+    x, bb, cc = torch.randn(b, t, h, p, generator=g), torch.randn(b, t, 1, n, generator=g), \
+        torch.randn(b, t, 1, n, generator=g)
+    dt = torch.nn.functional.softplus(torch.randn(b, t, h, generator=g) - 1.5)
+    a = -torch.rand(h, generator=g) - 0.1
+    state = torch.randn(b, h, p, n, generator=g)
+    cast = [v.to(device=device, dtype=dtype) for v in (x, dt, a, bb, cc)]
+    return (*cast, state.to(device)), {"chunk_size": 16}
+
+
+dispatch.register("mamba2", BACKENDS, probe)
+
+
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
         state: torch.Tensor | None = None, *, chunk_size: int = 64,
         backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

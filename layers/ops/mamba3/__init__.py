@@ -37,6 +37,23 @@ BACKENDS: dict[str, Any] = {"naive": mamba3_naive, "chunked": mamba3_chunked}
 BACKENDS.update(dispatch.triton_backend("layers.ops.mamba3.triton", "mamba3_triton"))  # where triton is installed
 
 
+def probe(device: torch.device, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """A tiny input for the Triton self-check (MIMO rank 2, two chunks, the second partial)."""
+    g = torch.Generator().manual_seed(0)
+    b, t, r, h, p, n, s = 1, 20, 2, 2, 16, 16, 8
+    dt = torch.nn.functional.softplus(torch.randn(b, t, h, generator=g) - 1.5)
+    x = torch.randn(b, t, h, p, generator=g)
+    q, k = torch.randn(b, t, r, h, n, generator=g), torch.randn(b, t, r, h, n, generator=g)
+    a = -2 * torch.rand(b, t, h, generator=g) * dt
+    lam, dtheta = torch.rand(b, t, h, generator=g), 0.5 * torch.randn(b, t, h, s, generator=g)
+    w_x = torch.randn(r, h, p, generator=g)
+    cast = [v.to(device=device, dtype=dtype) for v in (x, q, k, a, dt, lam, dtheta)]
+    return (*cast, None, w_x.to(device=device, dtype=dtype)), {"pairing": "half", "chunk_size": 16}
+
+
+dispatch.register("mamba3", BACKENDS, probe)
+
+
 def mamba3(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, dt: torch.Tensor,
            lam: torch.Tensor, dtheta: torch.Tensor, state: dict | None = None, w_x: torch.Tensor | None = None,
            *, pairing: str = "interleaved", chunk_size: int = 64,

@@ -25,6 +25,22 @@ BACKENDS: dict[str, Any] = {"naive": rwkv7_naive, "chunked": rwkv7_chunked}
 BACKENDS.update(dispatch.triton_backend("layers.ops.rwkv7.triton", "rwkv7_triton"))  # where triton is installed
 
 
+def probe(device: torch.device, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """A tiny input for the Triton self-check (two chunks, the second partial)."""
+    g = torch.Generator().manual_seed(0)
+    shape = (1, 20, 2, 16)
+    kk = torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
+    r, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
+    w = -0.6065 * torch.sigmoid(torch.randn(*shape, generator=g))
+    b = kk * torch.rand(*shape, generator=g)
+    state = torch.randn(1, 2, 16, 16, generator=g)
+    cast = [t.to(device=device, dtype=dtype) for t in (r, w, k, v, -kk, b)]
+    return (*cast, state.to(device)), {"chunk_size": 16}
+
+
+dispatch.register("rwkv7", BACKENDS, probe)
+
+
 def rwkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
           initial_state: torch.Tensor | None = None, *, chunk_size: int = 64,
           backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

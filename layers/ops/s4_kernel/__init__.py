@@ -29,6 +29,7 @@ __all__ = ["BACKENDS", "INITS", "discretize", "hippo_legs", "legs_normal_part", 
            "s4d_init", "s4d_naive", "vandermonde"]
 
 BACKENDS: dict[str, Any] = {"naive": s4d_naive, "chunked": s4d_fft}
+dispatch.register("s4_kernel", BACKENDS)
 
 
 def s4d_conv(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, C: torch.Tensor,

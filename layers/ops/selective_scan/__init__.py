@@ -29,6 +29,7 @@ __all__ = ["BACKENDS", "selective_scan", "selective_scan_chunked_form", "selecti
            "selective_scan_seq"]
 
 BACKENDS: dict[str, Any] = {"naive": selective_scan_naive, "chunked": selective_scan_seq}
+dispatch.register("selective_scan", BACKENDS)
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,

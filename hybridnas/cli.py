@@ -346,29 +346,149 @@ def cmd_storage_proxy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_source(arg: str) -> tuple[str, Path | None]:
+    """ARCH may be an architecture YAML or a model folder (an export, a ``train --out``): its architecture.yaml,
+    and the folder whose weights the run starts from."""
+    p = Path(arg)
+    if p.is_dir():
+        from hybridnas.checkpoint import ARCH_FILE, WEIGHTS_FILE
+
+        if not (p / ARCH_FILE).is_file() or not (p / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{arg}: a folder to train further needs {ARCH_FILE} and {WEIGHTS_FILE}")
+        return str(p / ARCH_FILE), p
+    return arg, None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from hybridnas.checkpoint import save_checkpoint
+    from hybridnas import train as train_mod
+    from hybridnas.checkpoint import (
+        TRAIN_LOG,
+        checkpoint_steps,
+        latest_train_checkpoint,
+        load_train_checkpoint,
+        load_weights_into,
+        save_checkpoint,
+        save_train_checkpoint,
+    )
     from hybridnas.config import load_arch
+    from hybridnas.model import HybridLM
     from hybridnas.tasks import build_task
     from hybridnas.trainers import trainer_for
 
-    arch = load_arch(args.arch, trust_custom_code=args.trust_custom_code)
+    for opt, value in (("--checkpoint-every", args.checkpoint_every), ("--keep", args.keep),
+                       ("--steps", args.steps), ("--stop-after", args.stop_after)):
+        if value is not None and value < 1:
+            raise ValueError(f"{opt} must be at least 1, got {value}")
+    needs_out = [o for o, v in (("--checkpoint-every", args.checkpoint_every), ("--resume", args.resume),
+                                ("--stop-after", args.stop_after)) if v]
+    if needs_out and not args.out:
+        raise ValueError(f"{needs_out[0]} needs --out DIR (the checkpoints are written under DIR/checkpoints)")
+    arch_path, weights_from = _train_source(args.arch)
+    arch = load_arch(arch_path, trust_custom_code=args.trust_custom_code)
+    if args.preset is not None:
+        if weights_from is not None:
+            raise ValueError(f"--preset changes the model's size; it cannot train the weights in {args.arch} further")
+        from hybridnas.presets import apply_preset
+
+        arch = apply_preset(arch, args.preset)
     if args.steps is not None:
         arch.train.steps = args.steps
+    resume_from = None
+    if args.out:
+        out = Path(args.out)
+        if args.resume:
+            resume_from = latest_train_checkpoint(out)
+            if resume_from is None:
+                raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'} "
+                                        "(train with --checkpoint-every N first)")
+        elif checkpoint_steps(out):
+            raise ValueError(f"{out} already holds checkpoints of a run: pass --resume to continue it, or choose "
+                             "another --out")
     data = build_task(arch.task.name, arch.task.build_config())
     hparams = {"pattern": arch.model.pattern, "d_model": arch.model.d_model, "lr": arch.train.lr}
 
     def on_eval(step: int, ev: dict) -> None:
+        if log is not None:
+            log({k: v for k, v in ev.items() if isinstance(v, (int, float))})
         if not args.quiet:
             print(f"step {step:6d}  valid loss {ev['loss']:.4f}  accuracy {ev['accuracy']:.4f}  "
                   f"train loss {ev['train_loss']:.4f}", flush=True)
 
-    result = trainer_for(arch.task.name)(arch, data, on_eval=on_eval, log_dir=args.log_dir, hparams=hparams)
+    trainer = trainer_for(arch.task.name)
+    if trainer is not train_mod.train:
+        if needs_out or weights_from is not None:
+            raise ValueError(f"task {arch.task.name!r} trains several runs per architecture: checkpoints, "
+                             "--resume, --stop-after and training a folder further need a single-run task")
+        log = None
+        result = trainer(arch, data, on_eval=on_eval, log_dir=args.log_dir, hparams=hparams)
+    else:
+        start_model = None
+        if weights_from is not None or resume_from is not None:
+            import torch
+
+            torch.manual_seed(arch.train.seed)
+            start_model = load_weights_into(HybridLM(arch.model), resume_from or weights_from)
+        log_lines, log = _train_log(Path(args.out) / TRAIN_LOG if args.out else None, resume_from)
+
+        def on_step(step: int, loss: float, lr: float) -> None:
+            log({"step": step, "train_loss": loss, "lr": lr})
+
+        def on_checkpoint(run) -> None:
+            plain, state = run.state_dict()
+            path = save_train_checkpoint(args.out, arch, run.model, plain, state, keep=args.keep)
+            if not args.quiet:
+                print(f"checkpoint {path}", flush=True)
+
+        run = train_mod.TrainRun(arch, data, log_dir=args.log_dir, hparams=hparams, model=start_model,
+                                 on_step=on_step if args.out else None, checkpoint_every=args.checkpoint_every,
+                                 on_checkpoint=on_checkpoint if args.out else None, stop_after=args.stop_after,
+                                 purge_step=None if resume_from is None else 0)
+        try:
+            if resume_from is not None:
+                plain, tensors, best = load_train_checkpoint(resume_from)
+                run.load_state_dict(plain, tensors, best)
+                print(f"resumed from {resume_from} at step {run.step}", flush=True)
+            elif weights_from is not None:
+                print(f"training further from the weights in {weights_from}", flush=True)
+            while (ev := run.advance()) is not None:
+                on_eval(int(ev["step"]), ev)
+            if run.stop_reason == "stopped":
+                print(f"stopped after step {run.step}; continue with --resume", flush=True)
+                return 0
+            result = run.finish()
+        finally:
+            run.close()
+            if log_lines is not None:
+                log_lines.close()
     print(json.dumps(result.metrics, indent=2))
     if args.out:
         save_checkpoint(args.out, arch, result.model.to("cpu"), tokenizer=True)
         print(f"saved to {args.out}/")
     return 0 if result.metrics["stop_reason"] != "nan" else 1
+
+
+def _train_log(path: Path | None, resume_from: Path | None):
+    """``(file, write)``: the per-step JSON-lines log of ``hybridnas train --out``. A fresh run starts it anew; a
+    resumed run keeps the lines up to its checkpoint's step (a killed run's later lines are dropped)."""
+    if path is None:
+        return None, lambda row: None
+    rows = []
+    if resume_from is not None and path.exists():
+        from hybridnas.checkpoint import TRAINER_STATE
+
+        step = json.loads((resume_from / TRAINER_STATE).read_text())["step"]
+        rows = [line for line in path.read_text().splitlines() if line.strip()
+                and json.loads(line).get("step", 0) <= step]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "w", encoding="utf-8")  # noqa: SIM115  (closed by the caller)
+    f.writelines(r + "\n" for r in rows)
+    f.flush()
+
+    def write(row: dict) -> None:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+    return f, write
 
 
 def _parse_number(text: str | None, name: str, kind: type, default=None):
@@ -669,10 +789,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_storage_proxy)
 
     s = sub.add_parser("train", help="train one architecture YAML and print its metrics")
-    s.add_argument("arch", help="architecture YAML (or an export's architecture.yaml)")
+    s.add_argument("arch", help="architecture YAML (or an export's architecture.yaml: trained from scratch), or a "
+                                "model folder (an export, a train --out): trained further from its weights")
     s.add_argument("--steps", type=int, help="override train.steps")
     s.add_argument("--log-dir", help="TensorBoard log folder")
-    s.add_argument("--out", help="save architecture.yaml, config.json and model.safetensors here")
+    s.add_argument("--out", help="save architecture.yaml, config.json and model.safetensors here (and "
+                                 "train_log.jsonl: one line per step)")
+    s.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="write a checkpoint every N steps under OUT/checkpoints/ (weights, optimizer, data "
+                        "position, RNG states, config; atomically)")
+    s.add_argument("--keep", type=int, default=2, metavar="K", help="checkpoints kept, newest first (default 2)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out, at the same step and data position")
+    s.add_argument("--stop-after", type=int, metavar="STEP",
+                   help="stop after this step (the schedule still spans --steps), checkpoint, and exit: "
+                        "continue later with --resume (a job's time slice)")
+    s.add_argument("--preset", help="size preset: tiny, small or base (d_model, layers, batch, lm seq_len; "
+                                    "README table)")
     s.add_argument("--quiet", action="store_true")
     s.add_argument("--trust-custom-code", action="store_true", help=TRUST)
     s.set_defaults(func=cmd_train)

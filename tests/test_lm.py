@@ -155,6 +155,17 @@ def test_large_corpus_streams_from_disk(corpus, tmp_path):
     assert res.metrics["steps"] == 4 and math.isfinite(res.metrics["bits_per_byte"])
 
 
+def test_stream_skip_starts_where_drawing_would_have_reached(corpus, tmp_path):
+    """A resumed run reopens the stream past the batches it already drew, without reading them."""
+    data = build(cfg(corpus, tmp_path, in_memory_tokens=100))
+    drawn = data.train_stream(4, 3)
+    for _ in range(5):
+        next(drawn)
+    x, y = next(drawn)
+    x2, y2 = next(data.train_stream(4, 3, skip=5))
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
 def test_tokenizers_json_file(corpus, tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import models, pre_tokenizers, trainers

@@ -342,10 +342,13 @@ def _windows(tokens: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def _memmap_stream(path: Path, dtype: str, seq_len: int) -> Callable[[int, int], Iterator]:
-    def stream(batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def stream(batch_size: int, seed: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Random windows; ``skip``: start after that many batches (a resumed run), reading none of them."""
         data = np.memmap(path, dtype=dtype, mode="r")
         rng = np.random.default_rng(seed)
         high = len(data) - seq_len - 1
+        for _ in range(skip):
+            rng.integers(0, high + 1, size=batch_size)
         while True:
             starts = rng.integers(0, high + 1, size=batch_size)
             win = np.stack([np.asarray(data[s:s + seq_len + 1], dtype=np.int64) for s in starts])

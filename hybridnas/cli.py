@@ -1,5 +1,5 @@
-"""hybridnas search | show | export | plot | dashboard | storage-proxy | train | generate | serve | sweep | replay
-| bench | validate.
+"""hybridnas search | show | export | plot | dashboard | storage-proxy | train | eval | generate | serve | sweep
+| replay | bench | validate.
 
 Errors a user can fix (bad YAML, unknown study, missing file, a storage that cannot be opened, a bad number on the
 command line) print one clear line each and exit 2; a bug in a trial's code prints its traceback once and the
@@ -467,6 +467,65 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if result.metrics["stop_reason"] != "nan" else 1
 
 
+def _task_override(value: str, base):
+    """``--task-override``: a task name, a YAML mapping (``{path: other.txt}``, ``{name: mqar, seed: 1}``) or a
+    YAML file holding one. Fields without a ``name``, or under the export's own task name, update the export's
+    task; another name starts from that task's defaults. Checked as a file's ``task:`` section is."""
+    from hybridnas.config import _parse_task
+    from hybridnas.yamlio import load_file, load_text
+
+    if value.endswith((".yaml", ".yml")) and Path(value).is_file():
+        data, src = load_file(value)
+        data = data.get("task", data) if isinstance(data, dict) else data
+    else:
+        data, src = load_text(f"task: {value}", "--task-override")
+        data = data["task"] if isinstance(data, dict) else data
+    if isinstance(data, str):
+        data = {"name": data}
+    if not isinstance(data, dict):
+        raise src.error(("task",), "expected a task name or a mapping of task fields")
+    if data.get("name", base.name) == base.name:
+        data = {**base.params, **data, "name": base.name}
+    return _parse_task(data, src)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hybridnas.checkpoint import ARCH_FILE, build_model
+    from hybridnas.config import load_arch
+    from hybridnas.tasks import build_task
+    from hybridnas.train import autocast_dtype, evaluate, resolve_device
+    from hybridnas.trainers import TRAINERS
+
+    folder = Path(args.export)
+    if not (folder / ARCH_FILE).is_file():
+        raise FileNotFoundError(f"{folder}: not a model folder (no {ARCH_FILE}; see hybridnas export / train --out)")
+    arch = load_arch(str(folder / ARCH_FILE), trust_custom_code=args.trust_custom_code)
+    task = _task_override(args.task_override, arch.task) if args.task_override else arch.task
+    if task.name in TRAINERS:
+        raise ValueError(f"task {task.name!r} is scored by several training runs; eval scores a trained model on a "
+                         "single task (use --task-override)")
+    data = build_task(task.name, task.build_config())
+    if data.vocab_size > arch.model.vocab_size:
+        raise ValueError(f"task {task.name!r} has a vocabulary of {data.vocab_size} tokens, more than the model's "
+                         f"{arch.model.vocab_size}")
+    if args.max_examples is not None and args.max_examples < 1:
+        raise ValueError(f"--max-examples must be at least 1, got {args.max_examples}")
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device: {e}") from None
+    model = build_model(folder, device=device, trust_custom_code=args.trust_custom_code)
+    x, y = data.valid_inputs, data.valid_labels
+    if args.max_examples is not None:
+        x, y = x[:args.max_examples], y[:args.max_examples]
+    ev = evaluate(model, x, y, max(arch.train.batch_size, 64), device,
+                  autocast_dtype(arch.train, device) is not None, metric=data.accuracy_metric,
+                  bytes_per_token=data.bytes_per_token)
+    out = {"task": task.name, **ev, "examples": int(x.size(0)), "params": model.num_params()}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def _train_log(path: Path | None, resume_from: Path | None):
     """``(file, write)``: the per-step JSON-lines log of ``hybridnas train --out``. A fresh run starts it anew; a
     resumed run keeps the lines up to its checkpoint's step (a killed run's later lines are dropped)."""
@@ -809,6 +868,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.add_argument("--trust-custom-code", action="store_true", help=TRUST)
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="score a model folder (an export, a train --out) on its task's validation set")
+    s.add_argument("export", help="model folder (hybridnas export --out DIR, hybridnas train --out DIR)")
+    s.add_argument("--task-override", metavar="TASK",
+                   help="score on another task: a name, a YAML mapping ('{path: other.txt}' updates the folder's "
+                        "own task; '{name: mqar, seed: 1}') or a YAML file with one")
+    s.add_argument("--max-examples", type=int, help="score only the first N validation examples")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    s.add_argument("--trust-custom-code", action="store_true", help="import custom layer code the folder names")
+    s.set_defaults(func=cmd_eval)
 
     s = _one_line_errors(sub.add_parser("generate", help="decode from an export folder, printing tokens as they come"))
     s.add_argument("export", help="export folder (hybridnas export --out DIR)")

@@ -148,6 +148,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     space = load_space(args.space)
     if args.seed is not None:
         space.search.seed = args.seed
+    if args.dry_run:
+        from hybridnas.dryrun import candidates, render
+
+        if args.dry_run_n < 1:
+            raise ValueError(f"--dry-run-n must be at least 1, got {args.dry_run_n}")
+        rows, finite = candidates(space, args.dry_run_n)
+        print(render(space, rows, finite))
+        return 0
     s = space.search
     workers = args.workers if args.workers is not None else s.workers
     name = args.study or s.study_name or space.name
@@ -793,6 +801,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="sampler seed (overrides search.seed)")
     s.add_argument("--export", metavar="DIR", help="export the best trial to DIR when done")
     s.add_argument("--quiet", action="store_true", help="no progress bar or per-trial lines")
+    s.add_argument("--dry-run", action="store_true",
+                   help="list the candidates (all of a finite space, else --dry-run-n sampled) with params and "
+                        "state bytes; train nothing, write nothing")
+    s.add_argument("--dry-run-n", type=int, default=20, metavar="N",
+                   help="candidates sampled by --dry-run from a space it cannot list (default 20)")
     s.add_argument("--workers", type=int, help="local worker processes on this study (default: search.workers)")
     s.add_argument("--worker-index", type=int, metavar="I",
                    help="run as worker I of many on a shared --storage (a SLURM array task, an indexed Kubernetes "

@@ -256,8 +256,16 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.top:
         trials = trials[:args.top]
     names = study.metric_names or [study.user_attrs.get("objective", "value")]
-    header = ["#", "state", "pattern", "params", "state_bytes", "score: " + "/".join(names), "duration", "note"]
-    rows = []
+    # every sampled parameter, in the order the trials first name them (a sampled `pattern` is the pattern column)
+    settings: list[str] = []
+    for t in trials:
+        settings += [k for k in t.params if k not in settings and k != "pattern"]
+    score_cols = ["score"] if len(names) == 1 else [f"score_{n}" for n in names]
+    csv_header = ["number", "state", "pattern", "params", "state_bytes", *score_cols, "steps", *settings,
+                  "duration_s", "note"]
+    header = ["#", "state", "pattern", "params", "state_bytes", "score: " + "/".join(names), "steps", *settings,
+              "duration", "note"]
+    rows, raw_rows = [], []
     for t in trials:
         dur = t.duration.total_seconds() if t.duration is not None else None
         note = search.trial_note(t)
@@ -267,10 +275,35 @@ def cmd_show(args: argparse.Namespace) -> int:
         if t.state == optuna.trial.TrialState.FAIL and not note:
             note = "interrupted (re-run on resume)"
         pattern = t.user_attrs.get("pattern") or t.user_attrs.get("pattern_repaired", "?")
+        steps = (t.user_attrs.get("metrics") or {}).get("steps")
+        if steps is None and t.state == optuna.trial.TrialState.PRUNED:
+            steps = t.user_attrs.get("pruned_at_step", t.last_step)
+        values = list(t.values) if t.values else [None] * len(score_cols)
+        raw_rows.append([t.number, t.state.name, pattern, t.user_attrs.get("params"), t.user_attrs.get("state_bytes"),
+                         *values, steps, *[t.params.get(k) for k in settings],
+                         None if dur is None else round(dur, 3), note])
         rows.append([str(t.number), t.state.name, str(pattern),
                      f"{t.user_attrs['params']:,}" if "params" in t.user_attrs else "-",
                      f"{t.user_attrs['state_bytes']:,}" if "state_bytes" in t.user_attrs else "-",
-                     _fmt_values(t.values), f"{dur:.1f}s" if dur is not None else "-", note])
+                     _fmt_values(t.values), "-" if steps is None else str(steps),
+                     *[_fmt_setting(t.params[k]) if k in t.params else "-" for k in settings],
+                     f"{dur:.1f}s" if dur is not None else "-", note])
+    if args.format == "csv":
+        import csv
+
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(csv_header)
+        w.writerows([["" if v is None else v for v in r] for r in raw_rows])
+        return 0
+    if args.format == "md":
+        def cell(c: str) -> str:
+            return c.replace("|", "\\|") or " "
+
+        print("| " + " | ".join(cell(c) for c in header) + " |")
+        print("|" + "|".join("---" for _ in header) + "|")
+        for r in rows:
+            print("| " + " | ".join(cell(c) for c in r) + " |")
+        return 0
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     print(f"study {study.study_name!r}: {len(trials)} trials ({search.finished_count(study)} trained), "
           + ", ".join(f"{d.name.lower()} {n}" for d, n in zip(study.directions, names, strict=False)))
@@ -287,6 +320,10 @@ def cmd_show(args: argparse.Namespace) -> int:
               + ", ".join(f"{k} {v:.2f}" for k, v in list(imp.items())[:8]))
     _print_confirmation(summarize(study))
     return 0
+
+
+def _fmt_setting(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -827,6 +864,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help=STORAGE)
     s.add_argument("--sort", choices=["number", "score"], default="number")
     s.add_argument("--top", type=int, help="only the first N rows")
+    s.add_argument("--format", choices=["table", "csv", "md"], default="table",
+                   help="table (default: with the study's summary lines), csv (raw values, one column per sampled "
+                        "setting) or md (a Markdown table)")
     s.set_defaults(func=cmd_show)
 
     s = sub.add_parser("export", help="write the best (or a chosen) trial as a loadable folder")

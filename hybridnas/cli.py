@@ -468,11 +468,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = trainer(arch, data, on_eval=on_eval, log_dir=args.log_dir, hparams=hparams)
     else:
         start_model = None
+        if resume_from is not None:
+            from hybridnas.checkpoint import ARCH_FILE
+            from hybridnas.schema import arch_key
+
+            saved = load_arch(str(resume_from / ARCH_FILE), trust_custom_code=args.trust_custom_code)
+            if arch_key(saved.model) != arch_key(arch.model):
+                raise ValueError(f"--resume: {resume_from} holds a different model ({saved.model.pattern!r}, d_model "
+                                 f"{saved.model.d_model}) than {args.arch} ({arch.model.pattern!r}, d_model "
+                                 f"{arch.model.d_model}); pass the same architecture and options")
         if weights_from is not None or resume_from is not None:
             import torch
 
             torch.manual_seed(arch.train.seed)
-            start_model = load_weights_into(HybridLM(arch.model), resume_from or weights_from)
+            try:
+                start_model = load_weights_into(HybridLM(arch.model), resume_from or weights_from)
+            except RuntimeError as e:  # a tensor missing or of another shape: not this architecture's weights
+                first = str(e).strip().splitlines()[0]
+                raise ValueError(f"{resume_from or weights_from}: the weights do not fit the architecture: "
+                                 f"{first}") from None
         log_lines, log = _train_log(Path(args.out) / TRAIN_LOG if args.out else None, resume_from)
 
         def on_step(step: int, loss: float, lr: float) -> None:

@@ -169,3 +169,40 @@ def test_checkpoint_every_needs_out(tmp_path, capsys):
     assert main(["train", str(arch), "--checkpoint-every", "5"]) == 2
     assert "--out" in capsys.readouterr().err
     assert os.listdir(tmp_path)  # nothing else checked: the error came before training
+
+
+def test_resume_with_another_architecture_is_a_clear_error(tmp_path, capsys):
+    arch = lm_arch(tmp_path)
+    out = tmp_path / "out"
+    assert main(["train", str(arch), "--out", str(out), "--checkpoint-every", "5", "--stop-after", "5",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(arch), "--out", str(out), "--resume", "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "different model" in err and "Traceback" not in err
+
+
+def test_a_folder_with_foreign_weights_is_a_clear_error(tmp_path, capsys):
+    arch = lm_arch(tmp_path)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", str(arch), "--out", str(a), "--steps", "1", "--quiet"]) == 0
+    assert main(["train", str(arch), "--out", str(b), "--steps", "1", "--preset", "tiny", "--quiet"]) == 0
+    (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())
+    capsys.readouterr()
+    assert main(["train", str(a), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "do not fit the architecture" in err and "Traceback" not in err
+
+
+def test_a_checkpoint_left_half_written_is_ignored_then_cleaned(tmp_path):
+    arch = lm_arch(tmp_path)
+    out = tmp_path / "out"
+    assert main(["train", str(arch), "--out", str(out), "--checkpoint-every", "5", "--stop-after", "5",
+                 "--quiet"]) == 0
+    # what a run killed (SIGKILL) while saving step 10 leaves: a temp folder without its state file
+    half = out / "checkpoints" / ".tmp-step-00000010-99999"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"partial")
+    assert checkpoint_steps(out) == [5] and latest_train_checkpoint(out).name == "step-00000005"
+    assert main(["train", str(arch), "--out", str(out), "--checkpoint-every", "5", "--resume", "--quiet"]) == 0
+    assert not half.exists() and checkpoint_steps(out) == [15, 20]

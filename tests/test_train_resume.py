@@ -206,3 +206,20 @@ def test_a_checkpoint_left_half_written_is_ignored_then_cleaned(tmp_path):
     assert checkpoint_steps(out) == [5] and latest_train_checkpoint(out).name == "step-00000005"
     assert main(["train", str(arch), "--out", str(out), "--checkpoint-every", "5", "--resume", "--quiet"]) == 0
     assert not half.exists() and checkpoint_steps(out) == [15, 20]
+
+
+def test_config_key_of_a_study_recorded_before_precision_is_unchanged():
+    """A study resumed with this version still recognises its earlier trials as duplicates: the default
+    precision is left out of the key; another precision is a different configuration."""
+    import hashlib
+    from dataclasses import asdict, replace
+
+    from hybridnas.schema import ArchConfig, ModelConfig, TaskSpec, TrainConfig, arch_key
+    from hybridnas.search import config_key
+
+    arch = ArchConfig(ModelConfig(vocab_size=32, d_model=16, pattern="A-", layers={"A": {"n_heads": 2}}),
+                      TaskSpec("mqar", {}), TrainConfig(steps=7))
+    before = {k: v for k, v in asdict(arch.train).items() if k not in ("device", "threads", "precision")}
+    old = hashlib.sha256((arch_key(arch.model) + json.dumps(before, sort_keys=True, default=str)).encode())
+    assert config_key(arch) == old.hexdigest()[:16]
+    assert config_key(replace(arch, train=replace(arch.train, precision="fp32"))) != config_key(arch)

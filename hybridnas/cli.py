@@ -498,14 +498,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             if not args.quiet:
                 print(f"checkpoint {path}", flush=True)
 
+        saved_state = load_train_checkpoint(resume_from) if resume_from is not None else None
         run = train_mod.TrainRun(arch, data, log_dir=args.log_dir, hparams=hparams, model=start_model,
                                  on_step=on_step if args.out else None, checkpoint_every=args.checkpoint_every,
                                  on_checkpoint=on_checkpoint if args.out else None, stop_after=args.stop_after,
-                                 purge_step=None if resume_from is None else 0)
+                                 # TensorBoard drops what a killed run logged after its checkpoint
+                                 purge_step=None if saved_state is None else int(saved_state[0]["step"]) + 1)
         try:
-            if resume_from is not None:
-                plain, tensors, best = load_train_checkpoint(resume_from)
-                run.load_state_dict(plain, tensors, best)
+            if saved_state is not None:
+                run.load_state_dict(*saved_state)
                 print(f"resumed from {resume_from} at step {run.step}", flush=True)
             elif weights_from is not None:
                 print(f"training further from the weights in {weights_from}", flush=True)

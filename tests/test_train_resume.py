@@ -223,3 +223,25 @@ def test_config_key_of_a_study_recorded_before_precision_is_unchanged():
     old = hashlib.sha256((arch_key(arch.model) + json.dumps(before, sort_keys=True, default=str)).encode())
     assert config_key(arch) == old.hexdigest()[:16]
     assert config_key(replace(arch, train=replace(arch.train, precision="fp32"))) != config_key(arch)
+
+
+def test_resume_after_a_kill_drops_the_lost_steps_from_logs(tmp_path):
+    """Killed at step 8 with its last checkpoint at 5: the resumed run repeats 6-8, and neither train_log.jsonl
+    nor TensorBoard keeps the killed run's copies of them."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    arch = lm_arch(tmp_path)
+    out, tb = tmp_path / "out", tmp_path / "tb"
+    assert main(["train", str(arch), "--out", str(out), "--log-dir", str(tb), "--checkpoint-every", "5",
+                 "--keep", "5", "--stop-after", "8", "--quiet"]) == 0
+    shutil.rmtree(out / "checkpoints" / "step-00000008")  # as if killed between the checkpoints
+    assert main(["train", str(arch), "--out", str(out), "--log-dir", str(tb), "--checkpoint-every", "5",
+                 "--resume", "--quiet"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / TRAIN_LOG).read_text().splitlines()
+             if "loss" not in json.loads(line)]
+    assert steps == list(range(1, 21))
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 21))

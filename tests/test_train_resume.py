@@ -245,3 +245,38 @@ def test_resume_after_a_kill_drops_the_lost_steps_from_logs(tmp_path):
     acc = EventAccumulator(str(tb))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 21))
+
+
+def test_a_process_killed_mid_run_resumes_on_the_same_curve(tmp_path):
+    """SIGKILL a real `hybridnas train` process once a checkpoint past step 10 exists, resume it: the losses after
+    the checkpoint equal an uninterrupted run's (both stopped 10 steps later; the schedule spans 5000)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    arch = lm_arch(tmp_path)
+    arch.write_text(arch.read_text().replace("steps: 20,", "steps: 5000,").replace("eval_every: 5", "eval_every: 1000"))
+    killed, full = tmp_path / "killed", tmp_path / "full"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "hybridnas.cli", "train", str(arch), "--out", str(killed),
+                             "--checkpoint-every", "5", "--quiet"], env=env, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not [s for s in checkpoint_steps(killed) if s >= 10]:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    at = checkpoint_steps(killed)[-1]
+    assert at >= 10 and not (killed / "model.safetensors").exists()
+    stop = str(at + 10)
+    assert main(["train", str(arch), "--out", str(killed), "--checkpoint-every", "5", "--resume", "--stop-after",
+                 stop, "--quiet"]) == 0
+    assert main(["train", str(arch), "--out", str(full), "--checkpoint-every", "5", "--stop-after", stop,
+                 "--quiet"]) == 0
+    a, b = losses(full), losses(killed)
+    assert sorted(b) == list(range(1, at + 11))
+    for step in range(at + 1, at + 11):
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])

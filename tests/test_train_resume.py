@@ -156,6 +156,28 @@ def test_precision_fp32_on_cpu_and_validation(tmp_path, capsys):
     assert f"{bad}:7: train.precision:" in err and "Traceback" not in err
 
 
+def test_precision_bf16_autocasts_on_cpu_too(tmp_path, capsys):
+    arch = lm_arch(tmp_path, extra_train=", precision: bf16, device: cpu")
+    assert main(["train", str(arch), "--steps", "3", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads(out[out.index("{"):out.rindex("}") + 1])
+    assert metrics["steps"] == 3 and metrics["final_train_loss"] == metrics["final_train_loss"]  # finite, not NaN
+    from hybridnas.config import load_arch
+    from hybridnas.train import TrainRun
+
+    a = load_arch(str(arch))
+    from hybridnas.tasks import build_task
+
+    run = TrainRun(a, build_task(a.task.name, a.task.build_config()))
+    assert run.autocast
+    seen = []
+    linear = next(m for m in run.model.modules() if isinstance(m, torch.nn.Linear))
+    handle = linear.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    run.advance()
+    handle.remove()
+    assert torch.bfloat16 in seen
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast runs on CUDA")
 def test_bf16_on_cuda(tmp_path):
     arch = lm_arch(tmp_path, extra_train=", precision: bf16, device: cuda")

@@ -516,6 +516,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                 print(f"stopped after step {run.step}; continue with --resume", flush=True)
                 return 0
             result = run.finish()
+        except KeyboardInterrupt:
+            last = latest_train_checkpoint(args.out) if args.out else None
+            print(f"\ninterrupted at step {run.step}: " + (f"the latest checkpoint is {last}; run the same command "
+                                                          "with --resume to continue" if last is not None else
+                                                          "no checkpoint written (train with --checkpoint-every N "
+                                                          "--out DIR to resume later)"), file=sys.stderr)
+            return 130
         finally:
             run.close()
             if log_lines is not None:

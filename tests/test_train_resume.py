@@ -73,7 +73,7 @@ def test_checkpoints_keep_the_last_k_and_hold_every_part(tmp_path):
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp folder left
 
 
-def test_an_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
+def test_an_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch, capsys):
     arch = lm_arch(tmp_path)
     out = tmp_path / "out"
     assert main(["train", str(arch), "--out", str(out), "--checkpoint-every", "5", "--stop-after", "5",
@@ -89,8 +89,11 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monke
         raise KeyboardInterrupt  # killed halfway through writing the step-10 checkpoint
 
     monkeypatch.setattr(ck, "save_weights", failing)
+    capsys.readouterr()
     assert main(["train", str(arch), "--out", str(out), "--checkpoint-every", "5", "--resume", "--quiet"]) == 130
     assert calls and checkpoint_steps(out) == [5]
+    err = capsys.readouterr().err
+    assert "interrupted at step 10" in err and "step-00000005" in err and "--resume" in err
     monkeypatch.setattr(ck, "save_weights", real)
     assert main(["train", str(arch), "--out", str(out), "--checkpoint-every", "5", "--resume", "--quiet"]) == 0
     assert checkpoint_steps(out)[-1] == 20

@@ -470,10 +470,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         start_model = None
         if resume_from is not None:
             from hybridnas.checkpoint import ARCH_FILE
-            from hybridnas.schema import arch_key
 
             saved = load_arch(str(resume_from / ARCH_FILE), trust_custom_code=args.trust_custom_code)
-            if arch_key(saved.model) != arch_key(arch.model):
+            if not _same_model(saved.model, arch.model):
                 raise ValueError(f"--resume: {resume_from} holds a different model ({saved.model.pattern!r}, d_model "
                                  f"{saved.model.d_model}) than {args.arch} ({arch.model.pattern!r}, d_model "
                                  f"{arch.model.d_model}); pass the same architecture and options")
@@ -532,6 +531,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         save_checkpoint(args.out, arch, result.model.to("cpu"), tokenizer=True)
         print(f"saved to {args.out}/")
     return 0 if result.metrics["stop_reason"] != "nan" else 1
+
+
+def _same_model(a, b) -> bool:
+    """Whether two model configs build the same model: the same blocks, sizes and resolved layer parameters
+    (numbers compared by value: the ``expand: 2`` of a file is the ``2.0`` a saved folder reads back)."""
+    from dataclasses import asdict
+
+    from hybridnas import patterns
+    from hybridnas.schema import resolved_layers
+
+    def plain(m) -> dict:
+        return {**{k: v for k, v in asdict(m).items() if k not in ("pattern", "layers")},
+                "symbols": patterns.to_primary(m.pattern), "layers": resolved_layers(m)}
+
+    return plain(a) == plain(b)
 
 
 def _task_override(value: str, base):

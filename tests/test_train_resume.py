@@ -196,6 +196,19 @@ def test_checkpoint_every_needs_out(tmp_path, capsys):
     assert os.listdir(tmp_path)  # nothing else checked: the error came before training
 
 
+def test_resume_with_layer_parameters_written_as_ints_in_the_file(tmp_path):
+    """The checkpoint's architecture.yaml reads `expand: 2` back as 2.0: still the same model."""
+    arch = lm_arch(tmp_path)
+    arch.write_text(arch.read_text().replace('pattern: "A-"', 'pattern: "MA"').replace(
+        "layers: {A: {n_heads: 2}}", "layers: {A: {n_heads: 2}, M: {headdim: 8, expand: 2, d_state: 8}}"))
+    out = tmp_path / "out"
+    assert main(["train", str(arch), "--out", str(out), "--checkpoint-every", "2", "--stop-after", "2",
+                 "--steps", "4", "--quiet"]) == 0
+    assert main(["train", str(arch), "--out", str(out), "--checkpoint-every", "2", "--resume", "--steps", "4",
+                 "--quiet"]) == 0
+    assert checkpoint_steps(out)[-1] == 4
+
+
 def test_resume_with_another_architecture_is_a_clear_error(tmp_path, capsys):
     arch = lm_arch(tmp_path)
     out = tmp_path / "out"

@@ -197,10 +197,10 @@ def test_checkpoint_every_needs_out(tmp_path, capsys):
 
 
 def test_resume_with_layer_parameters_written_as_ints_in_the_file(tmp_path):
-    """The checkpoint's architecture.yaml reads `expand: 2` back as 2.0: still the same model."""
+    """M's default `expand` is the int 2; the checkpoint's architecture.yaml reads it back as 2.0: the same model."""
     arch = lm_arch(tmp_path)
     arch.write_text(arch.read_text().replace('pattern: "A-"', 'pattern: "MA"').replace(
-        "layers: {A: {n_heads: 2}}", "layers: {A: {n_heads: 2}, M: {headdim: 8, expand: 2, d_state: 8}}"))
+        "layers: {A: {n_heads: 2}}", "layers: {A: {n_heads: 2}, M: {headdim: 8, d_state: 8}}"))
     out = tmp_path / "out"
     assert main(["train", str(arch), "--out", str(out), "--checkpoint-every", "2", "--stop-after", "2",
                  "--steps", "4", "--quiet"]) == 0

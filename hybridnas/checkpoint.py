@@ -11,10 +11,21 @@ and plots beside it. Loading never unpickles (``yaml.safe_load`` and safetensors
 module named in the folder (a custom layer's import path under ``symbols``) unless the caller passes
 ``trust_custom_code=True``. Every file is written through a temp file and a rename, so an interrupted save
 never leaves a half-written file.
+
+Training checkpoints (``hybridnas train --out DIR --checkpoint-every N``) live under ``DIR/checkpoints/step-NNNNNNNN/``:
+the model folder above plus ``optimizer.pt`` (optimizer state, torch/CUDA RNG states, data order and position;
+read back with ``torch.load(weights_only=True)``), ``best.safetensors`` (the best-evaluated weights so far) and
+``trainer_state.json`` (step, best, history, python and numpy RNG states). Each is written in a temp folder that
+is renamed into place when complete, so a run killed while saving leaves the previous checkpoint as the latest.
+``DIR/train_log.jsonl`` has one line per step (``step``, ``train_loss``, ``lr``) and per evaluation.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,6 +43,12 @@ from hybridnas.yamlio import atomic_write_bytes, atomic_write_text, dump_yaml, w
 ARCH_FILE = "architecture.yaml"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+CHECKPOINTS = "checkpoints"
+TRAIN_LOG = "train_log.jsonl"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+BEST_FILE = "best.safetensors"
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
 
 def complete_arch(arch: ArchConfig) -> ArchConfig:
@@ -146,3 +163,74 @@ def build_model(path: str | Path, *, device: str | torch.device = "cpu", load_we
     if load_weights:
         load_weights_into(model, folder)
     return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------- training checkpoints
+
+
+def checkpoint_steps(out_dir: str | Path) -> list[int]:
+    """Steps of the complete training checkpoints under ``out_dir/checkpoints``, oldest first."""
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    steps = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / TRAINER_STATE).is_file():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def _step_dir(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / CHECKPOINTS / f"step-{step:08d}"
+
+
+def latest_train_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete training checkpoint folder under ``out_dir``, or None."""
+    steps = checkpoint_steps(out_dir)
+    return _step_dir(out_dir, steps[-1]) if steps else None
+
+
+def save_train_checkpoint(out_dir: str | Path, arch: ArchConfig, model: HybridLM, plain: dict[str, Any],
+                          state: dict[str, Any], *, keep: int | None = None) -> Path:
+    """Write a training checkpoint (see the module docstring) at step ``plain["step"]`` atomically: into a temp
+    folder, renamed into place once every file is there. Then only the newest ``keep`` are kept (None: all)."""
+    root = Path(out_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+    step = int(plain["step"])
+    final = _step_dir(out_dir, step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_checkpoint(tmp, arch, model)
+        best = state.get("best_state")
+        if best is not None:
+            atomic_write_bytes(tmp / BEST_FILE, st_save({k: v.detach().to("cpu").contiguous()
+                                                         for k, v in best.items()}))
+        torch.save(state["tensors"], tmp / OPTIMIZER_FILE)
+        write_json(tmp / TRAINER_STATE, plain)  # last: its presence marks a complete checkpoint
+        if final.exists():
+            old = root / f".tmp-old-{final.name}-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep is not None:
+        for old_step in checkpoint_steps(out_dir)[:-keep]:
+            shutil.rmtree(_step_dir(out_dir, old_step), ignore_errors=True)
+    return final
+
+
+def load_train_checkpoint(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """``(plain, tensors, best_state)`` of a checkpoint folder (the model's weights: :func:`load_weights_into`)."""
+    folder = Path(folder)
+    plain = json.loads((folder / TRAINER_STATE).read_text())
+    tensors = torch.load(folder / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
+    best = st_load((folder / BEST_FILE).read_bytes()) if (folder / BEST_FILE).exists() else None
+    return plain, tensors, best

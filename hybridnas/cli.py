@@ -1,5 +1,5 @@
-"""hybridnas search | show | export | plot | dashboard | storage-proxy | train | generate | serve | sweep | replay
-| bench | validate.
+"""hybridnas search | show | export | plot | dashboard | storage-proxy | train | eval | generate | serve | sweep
+| replay | bench | validate.
 
 Errors a user can fix (bad YAML, unknown study, missing file, a storage that cannot be opened, a bad number on the
 command line) print one clear line each and exit 2; a bug in a trial's code prints its traceback once and the
@@ -148,6 +148,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     space = load_space(args.space)
     if args.seed is not None:
         space.search.seed = args.seed
+    if args.dry_run:
+        from hybridnas.dryrun import candidates, render
+
+        if args.dry_run_n < 1:
+            raise ValueError(f"--dry-run-n must be at least 1, got {args.dry_run_n}")
+        rows, finite = candidates(space, args.dry_run_n)
+        print(render(space, rows, finite))
+        return 0
     s = space.search
     workers = args.workers if args.workers is not None else s.workers
     name = args.study or s.study_name or space.name
@@ -248,8 +256,16 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.top:
         trials = trials[:args.top]
     names = study.metric_names or [study.user_attrs.get("objective", "value")]
-    header = ["#", "state", "pattern", "params", "state_bytes", "score: " + "/".join(names), "duration", "note"]
-    rows = []
+    # every sampled parameter, in the order the trials first name them (a sampled `pattern` is the pattern column)
+    settings: list[str] = []
+    for t in trials:
+        settings += [k for k in t.params if k not in settings and k != "pattern"]
+    score_cols = ["score"] if len(names) == 1 else [f"score_{n}" for n in names]
+    csv_header = ["number", "state", "pattern", "params", "state_bytes", *score_cols, "steps", *settings,
+                  "duration_s", "note"]
+    header = ["#", "state", "pattern", "params", "state_bytes", "score: " + "/".join(names), "steps", *settings,
+              "duration", "note"]
+    rows, raw_rows = [], []
     for t in trials:
         dur = t.duration.total_seconds() if t.duration is not None else None
         note = search.trial_note(t)
@@ -259,10 +275,35 @@ def cmd_show(args: argparse.Namespace) -> int:
         if t.state == optuna.trial.TrialState.FAIL and not note:
             note = "interrupted (re-run on resume)"
         pattern = t.user_attrs.get("pattern") or t.user_attrs.get("pattern_repaired", "?")
+        steps = (t.user_attrs.get("metrics") or {}).get("steps")
+        if steps is None and t.state == optuna.trial.TrialState.PRUNED:
+            steps = t.user_attrs.get("pruned_at_step", t.last_step)
+        values = list(t.values) if t.values else [None] * len(score_cols)
+        raw_rows.append([t.number, t.state.name, pattern, t.user_attrs.get("params"), t.user_attrs.get("state_bytes"),
+                         *values, steps, *[t.params.get(k) for k in settings],
+                         None if dur is None else round(dur, 3), note])
         rows.append([str(t.number), t.state.name, str(pattern),
                      f"{t.user_attrs['params']:,}" if "params" in t.user_attrs else "-",
                      f"{t.user_attrs['state_bytes']:,}" if "state_bytes" in t.user_attrs else "-",
-                     _fmt_values(t.values), f"{dur:.1f}s" if dur is not None else "-", note])
+                     _fmt_values(t.values), "-" if steps is None else str(steps),
+                     *[_fmt_setting(t.params[k]) if k in t.params else "-" for k in settings],
+                     f"{dur:.1f}s" if dur is not None else "-", note])
+    if args.format == "csv":
+        import csv
+
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(csv_header)
+        w.writerows([["" if v is None else v for v in r] for r in raw_rows])
+        return 0
+    if args.format == "md":
+        def cell(c: str) -> str:
+            return c.replace("|", "\\|") or " "
+
+        print("| " + " | ".join(cell(c) for c in header) + " |")
+        print("|" + "|".join("---" for _ in header) + "|")
+        for r in rows:
+            print("| " + " | ".join(cell(c) for c in r) + " |")
+        return 0
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     print(f"study {study.study_name!r}: {len(trials)} trials ({search.finished_count(study)} trained), "
           + ", ".join(f"{d.name.lower()} {n}" for d, n in zip(study.directions, names, strict=False)))
@@ -279,6 +320,10 @@ def cmd_show(args: argparse.Namespace) -> int:
               + ", ".join(f"{k} {v:.2f}" for k, v in list(imp.items())[:8]))
     _print_confirmation(summarize(study))
     return 0
+
+
+def _fmt_setting(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -346,29 +391,244 @@ def cmd_storage_proxy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_source(arg: str) -> tuple[str, Path | None]:
+    """ARCH may be an architecture YAML or a model folder (an export, a ``train --out``): its architecture.yaml,
+    and the folder whose weights the run starts from."""
+    p = Path(arg)
+    if p.is_dir():
+        from hybridnas.checkpoint import ARCH_FILE, WEIGHTS_FILE
+
+        if not (p / ARCH_FILE).is_file() or not (p / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{arg}: a folder to train further needs {ARCH_FILE} and {WEIGHTS_FILE}")
+        return str(p / ARCH_FILE), p
+    return arg, None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from hybridnas.checkpoint import save_checkpoint
+    from hybridnas import train as train_mod
+    from hybridnas.checkpoint import (
+        TRAIN_LOG,
+        checkpoint_steps,
+        latest_train_checkpoint,
+        load_train_checkpoint,
+        load_weights_into,
+        save_checkpoint,
+        save_train_checkpoint,
+    )
     from hybridnas.config import load_arch
+    from hybridnas.model import HybridLM
     from hybridnas.tasks import build_task
     from hybridnas.trainers import trainer_for
 
-    arch = load_arch(args.arch, trust_custom_code=args.trust_custom_code)
+    for opt, value in (("--checkpoint-every", args.checkpoint_every), ("--keep", args.keep),
+                       ("--steps", args.steps), ("--stop-after", args.stop_after)):
+        if value is not None and value < 1:
+            raise ValueError(f"{opt} must be at least 1, got {value}")
+    needs_out = [o for o, v in (("--checkpoint-every", args.checkpoint_every), ("--resume", args.resume),
+                                ("--stop-after", args.stop_after)) if v]
+    if needs_out and not args.out:
+        raise ValueError(f"{needs_out[0]} needs --out DIR (the checkpoints are written under DIR/checkpoints)")
+    arch_path, weights_from = _train_source(args.arch)
+    arch = load_arch(arch_path, trust_custom_code=args.trust_custom_code)
+    if args.preset is not None:
+        if weights_from is not None:
+            raise ValueError(f"--preset changes the model's size; it cannot train the weights in {args.arch} further")
+        from hybridnas.presets import apply_preset
+
+        arch = apply_preset(arch, args.preset)
     if args.steps is not None:
         arch.train.steps = args.steps
+    resume_from = None
+    if args.out:
+        out = Path(args.out)
+        if args.resume:
+            resume_from = latest_train_checkpoint(out)
+            if resume_from is None:
+                raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'} "
+                                        "(train with --checkpoint-every N first)")
+        elif checkpoint_steps(out):
+            raise ValueError(f"{out} already holds checkpoints of a run: pass --resume to continue it, or choose "
+                             "another --out")
     data = build_task(arch.task.name, arch.task.build_config())
     hparams = {"pattern": arch.model.pattern, "d_model": arch.model.d_model, "lr": arch.train.lr}
 
     def on_eval(step: int, ev: dict) -> None:
+        if log is not None:
+            log({k: v for k, v in ev.items() if isinstance(v, (int, float))})
         if not args.quiet:
             print(f"step {step:6d}  valid loss {ev['loss']:.4f}  accuracy {ev['accuracy']:.4f}  "
                   f"train loss {ev['train_loss']:.4f}", flush=True)
 
-    result = trainer_for(arch.task.name)(arch, data, on_eval=on_eval, log_dir=args.log_dir, hparams=hparams)
+    trainer = trainer_for(arch.task.name)
+    if trainer is not train_mod.train:
+        if needs_out or weights_from is not None:
+            raise ValueError(f"task {arch.task.name!r} trains several runs per architecture: checkpoints, "
+                             "--resume, --stop-after and training a folder further need a single-run task")
+        log = None
+        result = trainer(arch, data, on_eval=on_eval, log_dir=args.log_dir, hparams=hparams)
+    else:
+        start_model = None
+        if resume_from is not None:
+            from hybridnas.checkpoint import ARCH_FILE
+
+            saved = load_arch(str(resume_from / ARCH_FILE), trust_custom_code=args.trust_custom_code)
+            if not _same_model(saved.model, arch.model):
+                raise ValueError(f"--resume: {resume_from} holds a different model ({saved.model.pattern!r}, d_model "
+                                 f"{saved.model.d_model}) than {args.arch} ({arch.model.pattern!r}, d_model "
+                                 f"{arch.model.d_model}); pass the same architecture and options")
+        if weights_from is not None or resume_from is not None:
+            import torch
+
+            torch.manual_seed(arch.train.seed)
+            try:
+                start_model = load_weights_into(HybridLM(arch.model), resume_from or weights_from)
+            except RuntimeError as e:  # a tensor missing or of another shape: not this architecture's weights
+                first = str(e).strip().splitlines()[0]
+                raise ValueError(f"{resume_from or weights_from}: the weights do not fit the architecture: "
+                                 f"{first}") from None
+        log_lines, log = _train_log(Path(args.out) / TRAIN_LOG if args.out else None, resume_from)
+
+        def on_step(step: int, loss: float, lr: float) -> None:
+            log({"step": step, "train_loss": loss, "lr": lr})
+
+        def on_checkpoint(run) -> None:
+            plain, state = run.state_dict()
+            path = save_train_checkpoint(args.out, arch, run.model, plain, state, keep=args.keep)
+            if not args.quiet:
+                print(f"checkpoint {path}", flush=True)
+
+        saved_state = load_train_checkpoint(resume_from) if resume_from is not None else None
+        run = train_mod.TrainRun(arch, data, log_dir=args.log_dir, hparams=hparams, model=start_model,
+                                 on_step=on_step if args.out else None, checkpoint_every=args.checkpoint_every,
+                                 on_checkpoint=on_checkpoint if args.out else None, stop_after=args.stop_after,
+                                 # TensorBoard drops what a killed run logged after its checkpoint
+                                 purge_step=None if saved_state is None else int(saved_state[0]["step"]) + 1)
+        try:
+            if saved_state is not None:
+                run.load_state_dict(*saved_state)
+                print(f"resumed from {resume_from} at step {run.step}", flush=True)
+            elif weights_from is not None:
+                print(f"training further from the weights in {weights_from}", flush=True)
+            while (ev := run.advance()) is not None:
+                on_eval(int(ev["step"]), ev)
+            if run.stop_reason == "stopped":
+                print(f"stopped after step {run.step}; continue with --resume", flush=True)
+                return 0
+            result = run.finish()
+        except KeyboardInterrupt:
+            last = latest_train_checkpoint(args.out) if args.out else None
+            print(f"\ninterrupted at step {run.step}: " + (f"the latest checkpoint is {last}; run the same command "
+                                                          "with --resume to continue" if last is not None else
+                                                          "no checkpoint written (train with --checkpoint-every N "
+                                                          "--out DIR to resume later)"), file=sys.stderr)
+            return 130
+        finally:
+            run.close()
+            if log_lines is not None:
+                log_lines.close()
     print(json.dumps(result.metrics, indent=2))
     if args.out:
         save_checkpoint(args.out, arch, result.model.to("cpu"), tokenizer=True)
         print(f"saved to {args.out}/")
     return 0 if result.metrics["stop_reason"] != "nan" else 1
+
+
+def _same_model(a, b) -> bool:
+    """Whether two model configs build the same model: the same blocks, sizes and resolved layer parameters
+    (numbers compared by value: the ``expand: 2`` of a file is the ``2.0`` a saved folder reads back)."""
+    from dataclasses import asdict
+
+    from hybridnas import patterns
+    from hybridnas.schema import resolved_layers
+
+    def plain(m) -> dict:
+        return {**{k: v for k, v in asdict(m).items() if k not in ("pattern", "layers")},
+                "symbols": patterns.to_primary(m.pattern), "layers": resolved_layers(m)}
+
+    return plain(a) == plain(b)
+
+
+def _task_override(value: str, base):
+    """``--task-override``: a task name, a YAML mapping (``{path: other.txt}``, ``{name: mqar, seed: 1}``) or a
+    YAML file holding one. Fields without a ``name``, or under the export's own task name, update the export's
+    task; another name starts from that task's defaults. Checked as a file's ``task:`` section is."""
+    from hybridnas.config import _parse_task
+    from hybridnas.yamlio import load_file, load_text
+
+    if value.endswith((".yaml", ".yml")) and Path(value).is_file():
+        data, src = load_file(value)
+        data = data.get("task", data) if isinstance(data, dict) else data
+    else:
+        data, src = load_text(f"task: {value}", "--task-override")
+        data = data["task"] if isinstance(data, dict) else data
+    if isinstance(data, str):
+        data = {"name": data}
+    if not isinstance(data, dict):
+        raise src.error(("task",), "expected a task name or a mapping of task fields")
+    if data.get("name", base.name) == base.name:
+        data = {**base.params, **data, "name": base.name}
+    return _parse_task(data, src)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hybridnas.checkpoint import ARCH_FILE, build_model
+    from hybridnas.config import load_arch
+    from hybridnas.tasks import build_task
+    from hybridnas.train import autocast_dtype, evaluate, resolve_device
+    from hybridnas.trainers import TRAINERS
+
+    folder = Path(args.export)
+    if not (folder / ARCH_FILE).is_file():
+        raise FileNotFoundError(f"{folder}: not a model folder (no {ARCH_FILE}; see hybridnas export / train --out)")
+    arch = load_arch(str(folder / ARCH_FILE), trust_custom_code=args.trust_custom_code)
+    task = _task_override(args.task_override, arch.task) if args.task_override else arch.task
+    if task.name in TRAINERS:
+        raise ValueError(f"task {task.name!r} is scored by several training runs; eval scores a trained model on a "
+                         "single task (use --task-override)")
+    data = build_task(task.name, task.build_config())
+    if data.vocab_size > arch.model.vocab_size:
+        raise ValueError(f"task {task.name!r} has a vocabulary of {data.vocab_size} tokens, more than the model's "
+                         f"{arch.model.vocab_size}")
+    if args.max_examples is not None and args.max_examples < 1:
+        raise ValueError(f"--max-examples must be at least 1, got {args.max_examples}")
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device: {e}") from None
+    model = build_model(folder, device=device, trust_custom_code=args.trust_custom_code)
+    x, y = data.valid_inputs, data.valid_labels
+    if args.max_examples is not None:
+        x, y = x[:args.max_examples], y[:args.max_examples]
+    ev = evaluate(model, x, y, max(arch.train.batch_size, 64), device,
+                  autocast_dtype(arch.train, device) is not None, metric=data.accuracy_metric,
+                  bytes_per_token=data.bytes_per_token)
+    out = {"task": task.name, **ev, "examples": int(x.size(0)), "params": model.num_params()}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _train_log(path: Path | None, resume_from: Path | None):
+    """``(file, write)``: the per-step JSON-lines log of ``hybridnas train --out``. A fresh run starts it anew; a
+    resumed run keeps the lines up to its checkpoint's step (a killed run's later lines are dropped)."""
+    if path is None:
+        return None, lambda row: None
+    rows = []
+    if resume_from is not None and path.exists():
+        from hybridnas.checkpoint import TRAINER_STATE
+
+        step = json.loads((resume_from / TRAINER_STATE).read_text())["step"]
+        rows = [line for line in path.read_text().splitlines() if line.strip()
+                and json.loads(line).get("step", 0) <= step]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "w", encoding="utf-8")  # noqa: SIM115  (closed by the caller)
+    f.writelines(r + "\n" for r in rows)
+    f.flush()
+
+    def write(row: dict) -> None:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+    return f, write
 
 
 def _parse_number(text: str | None, name: str, kind: type, default=None):
@@ -620,6 +880,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="sampler seed (overrides search.seed)")
     s.add_argument("--export", metavar="DIR", help="export the best trial to DIR when done")
     s.add_argument("--quiet", action="store_true", help="no progress bar or per-trial lines")
+    s.add_argument("--dry-run", action="store_true",
+                   help="list the candidates (all of a finite space, else --dry-run-n sampled) with params and "
+                        "state bytes; train nothing, write nothing")
+    s.add_argument("--dry-run-n", type=int, default=20, metavar="N",
+                   help="candidates sampled by --dry-run from a space it cannot list (default 20)")
     s.add_argument("--workers", type=int, help="local worker processes on this study (default: search.workers)")
     s.add_argument("--worker-index", type=int, metavar="I",
                    help="run as worker I of many on a shared --storage (a SLURM array task, an indexed Kubernetes "
@@ -641,6 +906,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help=STORAGE)
     s.add_argument("--sort", choices=["number", "score"], default="number")
     s.add_argument("--top", type=int, help="only the first N rows")
+    s.add_argument("--format", choices=["table", "csv", "md"], default="table",
+                   help="table (default: with the study's summary lines), csv (raw values, one column per sampled "
+                        "setting) or md (a Markdown table)")
     s.set_defaults(func=cmd_show)
 
     s = sub.add_parser("export", help="write the best (or a chosen) trial as a loadable folder")
@@ -675,13 +943,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_storage_proxy)
 
     s = sub.add_parser("train", help="train one architecture YAML and print its metrics")
-    s.add_argument("arch", help="architecture YAML (or an export's architecture.yaml)")
+    s.add_argument("arch", help="architecture YAML (or an export's architecture.yaml: trained from scratch), or a "
+                                "model folder (an export, a train --out): trained further from its weights")
     s.add_argument("--steps", type=int, help="override train.steps")
     s.add_argument("--log-dir", help="TensorBoard log folder")
-    s.add_argument("--out", help="save architecture.yaml, config.json and model.safetensors here")
+    s.add_argument("--out", help="save architecture.yaml, config.json and model.safetensors here (and "
+                                 "train_log.jsonl: one line per step)")
+    s.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="write a checkpoint every N steps under OUT/checkpoints/ (weights, optimizer, data "
+                        "position, RNG states, config; atomically)")
+    s.add_argument("--keep", type=int, default=2, metavar="K", help="checkpoints kept, newest first (default 2)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out, at the same step and data position")
+    s.add_argument("--stop-after", type=int, metavar="STEP",
+                   help="stop after this step (the schedule still spans --steps), checkpoint, and exit: "
+                        "continue later with --resume (a job's time slice)")
+    s.add_argument("--preset", help="size preset: tiny, small or base (d_model, layers, batch, lm seq_len; "
+                                    "README table)")
     s.add_argument("--quiet", action="store_true")
     s.add_argument("--trust-custom-code", action="store_true", help=TRUST)
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="score a model folder (an export, a train --out) on its task's validation set")
+    s.add_argument("export", help="model folder (hybridnas export --out DIR, hybridnas train --out DIR)")
+    s.add_argument("--task-override", metavar="TASK",
+                   help="score on another task: a name, a YAML mapping ('{path: other.txt}' updates the folder's "
+                        "own task; '{name: mqar, seed: 1}') or a YAML file with one")
+    s.add_argument("--max-examples", type=int, help="score only the first N validation examples")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    s.add_argument("--trust-custom-code", action="store_true", help="import custom layer code the folder names")
+    s.set_defaults(func=cmd_eval)
 
     s = _one_line_errors(sub.add_parser("generate", help="decode from an export folder, printing tokens as they come"))
     s.add_argument("export", help="export folder (hybridnas export --out DIR)")

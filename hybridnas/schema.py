@@ -94,7 +94,10 @@ class TrainConfig:
     target_accuracy: Annotated[float, Interval(gt=0, le=1)] | None = 0.99
     seed: Annotated[int, NonNegative, Le(2 ** 62)] = 0  # numpy's generators take no negative seed
     device: Annotated[str, Predicate(device_name)] = "auto"
-    bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU)
+    bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU); false: as precision fp32
+    # auto: bf16 autocast on CUDA (when bf16 is true), fp32 elsewhere; fp32: never autocast; bf16: autocast on any
+    # device (CPU included)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     max_time: Annotated[float, Positive, Finite] | None = None  # seconds; stops the run (reason "time") when exceeded
     threads: Annotated[int, Ge(1), Le(4096)] | None = None  # torch intra-op threads; None: torch's default
     # torch.compile the model for training steps: auto compiles on CUDA and stays eager on CPU (README "Compile")

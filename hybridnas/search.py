@@ -202,8 +202,10 @@ def sample_arch(space: SearchSpace, trial: optuna.Trial, notes: dict[str, Any] |
 
 
 def config_key(arch: ArchConfig) -> str:
-    """Architecture key plus the training settings that change the result (not device or threads)."""
-    train = {k: v for k, v in asdict(arch.train).items() if k not in ("device", "threads")}
+    """Architecture key plus the training settings that change the result (not device or threads; precision only
+    when not the default ``auto``, so that trials recorded before it existed keep their keys)."""
+    train = {k: v for k, v in asdict(arch.train).items()
+             if k not in ("device", "threads") and not (k == "precision" and v == "auto")}
     text = arch_key(arch.model) + json.dumps(train, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
+import random
 import resource
 import sys
 import time
@@ -32,6 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +43,8 @@ from hybridnas.schema import ArchConfig, TrainConfig
 from hybridnas.tasks.base import IGNORE_INDEX, TaskData
 
 EvalCallback = Callable[[int, dict[str, float]], None]
+#: ``(step, train_loss, lr)`` after each optimizer step
+StepCallback = Callable[[int, float, float], None]
 
 
 @dataclass
@@ -76,6 +81,16 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` on ``device``: ``auto`` is bf16 on CUDA (unless ``bf16: false``)
+    and none elsewhere, ``fp32`` none, ``bf16`` bf16 on any device."""
+    if cfg.precision == "bf16":
+        return torch.bfloat16
+    if cfg.precision == "auto" and device.type == "cuda" and cfg.bf16:
+        return torch.bfloat16
+    return None
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -183,12 +198,17 @@ class TrainRun:
     """
 
     def __init__(self, arch: ArchConfig, data: TaskData, *, log_dir: str | None = None,
-                 hparams: dict[str, Any] | None = None, model: HybridLM | None = None):
+                 hparams: dict[str, Any] | None = None, model: HybridLM | None = None,
+                 on_step: StepCallback | None = None, checkpoint_every: int | None = None,
+                 on_checkpoint: Callable[[TrainRun], None] | None = None, stop_after: int | None = None,
+                 purge_step: int | None = None):
         cfg = self.cfg = arch.train
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = device = resolve_device(cfg.device)
-        self.autocast = device.type == "cuda" and cfg.bf16
+        self.autocast = autocast_dtype(cfg, device) is not None
+        self.on_step, self.checkpoint_every, self.on_checkpoint = on_step, checkpoint_every, on_checkpoint
+        self.stop_after = stop_after
         torch.manual_seed(cfg.seed)
         if model is None:
             model = HybridLM(arch.model)
@@ -206,7 +226,8 @@ class TrainRun:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.data = data
         # A task may hand batches from a stream (a corpus larger than memory) instead of in-memory tensors.
-        self.stream = data.train_stream(cfg.batch_size, cfg.seed) if data.train_stream is not None else None
+        self.batches = 0  # batches drawn so far: the stream's position (a checkpoint resumes it)
+        self.stream = self._open_stream(0)
         self.n_train = data.train_inputs.size(0) if self.stream is None else 0
         self.metric = data.accuracy_metric
         self.bytes_per_token = data.bytes_per_token
@@ -219,7 +240,7 @@ class TrainRun:
         if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=log_dir)
+            self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
             _open_writers.add(self.writer)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -231,12 +252,27 @@ class TrainRun:
         self.order = torch.randperm(self.n_train, generator=self.gen) if self.stream is None else None
         self.cursor = 0
         self.t_start = time.perf_counter()
+        self.wall_offset = 0.0  # seconds of the run before it was resumed
         self.step = 0
         self.last_loss = math.nan
         self.done = False
         self.result: TrainResult | None = None
 
+    def _open_stream(self, skip: int):
+        """The task's batch stream (None for in-memory data), past its first ``skip`` batches: a stream that takes
+        ``skip`` jumps there, any other is drawn from ``skip`` times."""
+        make = self.data.train_stream
+        if make is None:
+            return None
+        if skip and "skip" in inspect.signature(make).parameters:
+            return make(self.cfg.batch_size, self.cfg.seed, skip=skip)
+        stream = make(self.cfg.batch_size, self.cfg.seed)
+        for _ in range(skip):
+            next(stream)
+        return stream
+
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.batches += 1
         if self.stream is not None:
             x, y = next(self.stream)
             return x.to(self.device), y.to(self.device)
@@ -285,9 +321,17 @@ class TrainRun:
                 writer.add_scalar("train/lr", lr, step)
                 if aux is not None:
                     writer.add_scalar("train/aux_loss", aux.item(), step)
+            if self.on_step is not None:
+                self.on_step(step, self.last_loss, lr)
             ev = None
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 ev = self._evaluate(step)
+            if self.stop_after is not None and step >= self.stop_after and not self.done:
+                self.stop_reason = "stopped"
+                self.done = True
+            if self.on_checkpoint is not None and (
+                    (self.checkpoint_every and step % self.checkpoint_every == 0) or self.stop_reason == "stopped"):
+                self.on_checkpoint(self)
             if cfg.max_time is not None and time.perf_counter() - self.t_start > cfg.max_time:
                 self.stop_reason = "time"
                 self.done = True
@@ -322,7 +366,7 @@ class TrainRun:
                       metric=self.metric, bytes_per_token=self.bytes_per_token)
         ev["step"] = step
         ev["train_loss"] = self.last_loss
-        ev["wall_seconds"] = time.perf_counter() - self.t_start
+        ev["wall_seconds"] = self.wall_offset + time.perf_counter() - self.t_start
         self.history.append(ev)
         if writer is not None:
             writer.add_scalar("valid/loss", ev["loss"], step)
@@ -346,6 +390,53 @@ class TrainRun:
             self.stop_reason = "target"
             self.done = True
         return ev
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Everything but the model's weights that a resumed run needs to continue exactly where this one is:
+        ``(plain, tensors)``. ``plain`` is JSON (step, best, history, python and numpy RNG states, counters);
+        ``tensors`` holds the optimizer state, the torch (and CUDA) RNG states, the data order and position, and
+        the best-evaluated weights so far (``best_state``, or None)."""
+        py = random.getstate()
+        npy = np.random.get_state()
+        plain = {
+            "step": self.step, "best": self.best, "history": self.history, "stop_reason": self.stop_reason,
+            "done": self.done, "last_loss": self.last_loss, "train_time": self.train_time, "tokens": self.tokens,
+            "wall_seconds": self.wall_offset + time.perf_counter() - self.t_start,
+            "rng": {"python": [py[0], list(py[1]), py[2]],
+                    "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])]},
+        }
+        tensors = {
+            "optimizer": self.opt.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "data": {"gen": self.gen.get_state(), "order": self.order, "cursor": self.cursor,
+                     "batches": self.batches},
+        }
+        return plain, {"tensors": tensors, "best_state": self.best_state}
+
+    def load_state_dict(self, plain: dict[str, Any], tensors: dict[str, Any],
+                        best_state: dict[str, torch.Tensor] | None = None) -> None:
+        """Continue from :meth:`state_dict`'s output (the model's weights are loaded by the caller)."""
+        self.step = int(plain["step"])
+        self.best = dict(plain["best"])
+        self.history = list(plain["history"])
+        self.stop_reason = "steps" if plain["stop_reason"] == "stopped" else plain["stop_reason"]
+        self.done = bool(plain["done"]) and plain["stop_reason"] != "stopped"
+        self.last_loss = float(plain["last_loss"])
+        self.train_time, self.tokens = float(plain["train_time"]), int(plain["tokens"])
+        self.wall_offset = float(plain["wall_seconds"])
+        py, npy = plain["rng"]["python"], plain["rng"]["numpy"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        np.random.set_state((npy[0], np.asarray(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
+        self.opt.load_state_dict(tensors["optimizer"])
+        torch.set_rng_state(tensors["torch_rng"])
+        if self.device.type == "cuda" and tensors["cuda_rng"]:
+            torch.cuda.set_rng_state_all(tensors["cuda_rng"])
+        data = tensors["data"]
+        self.gen.set_state(data["gen"])
+        self.order, self.cursor, self.batches = data["order"], int(data["cursor"]), int(data["batches"])
+        self.stream = self._open_stream(self.batches)
+        self.best_state = None if best_state is None else {k: v.to(self.device) for k, v in best_state.items()}
 
     def close(self) -> None:
         """Release the TensorBoard writer (a run abandoned before its end: pruned, or a ladder's loser)."""
@@ -373,7 +464,7 @@ class TrainRun:
             "stop_reason": self.stop_reason,
             "tokens_per_s": self.tokens / max(self.train_time, 1e-9),
             "train_seconds": self.train_time,
-            "wall_seconds": time.perf_counter() - self.t_start,
+            "wall_seconds": self.wall_offset + time.perf_counter() - self.t_start,
             "peak_memory_mb": _peak_memory_mb(self.device),
             "params": model.num_params(),
             "device": str(self.device),

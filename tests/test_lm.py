@@ -38,8 +38,8 @@ def corpus(tmp_path: Path) -> Path:
 
 
 def cfg(path, tmp_path, **kw) -> LMConfig:
-    return LMConfig(**{"path": str(path), "seq_len": 32, "split_block": 256, "valid_fraction": 0.2,
-                       "cache_dir": str(tmp_path / "cache"), **kw})
+    return LMConfig(**{"path": path if isinstance(path, list) else str(path), "seq_len": 32, "split_block": 256,
+                       "valid_fraction": 0.2, "cache_dir": str(tmp_path / "cache"), **kw})
 
 
 def _stream(folder: Path, name: str, dtype: str = "uint16") -> bytes:
@@ -153,6 +153,42 @@ def test_large_corpus_streams_from_disk(corpus, tmp_path):
                                                       target_accuracy=None, device="cpu"))
     res = trainer_for("lm")(arch, data)
     assert res.metrics["steps"] == 4 and math.isfinite(res.metrics["bits_per_byte"])
+
+
+def test_a_list_of_files_reads_as_their_concatenation(tmp_path):
+    first, second, both = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "both.txt"
+    first.write_text("".join(f"first file line {i}\n" for i in range(200)))
+    second.write_text("".join(f"second file row {i * 7}\n" for i in range(200)))
+    both.write_text(first.read_text() + second.read_text())
+    listed = build(cfg([str(first), str(second)], tmp_path))
+    whole = build(cfg(both, tmp_path))
+    assert torch.equal(listed.train_inputs, whole.train_inputs)
+    assert torch.equal(listed.valid_inputs, whole.valid_inputs)
+
+
+def test_a_list_of_paths_is_checked_in_a_file(tmp_path):
+    from hybridnas.config import load_arch
+    from hybridnas.yamlio import ConfigError
+
+    (tmp_path / "a.txt").write_text("hello\n" * 100)
+    good = f"task: {{name: lm, path: [{tmp_path / 'a.txt'}], seq_len: 8}}\nmodel: {{d_model: 16, pattern: F}}\n"
+    assert load_arch(text=good).task.params["path"] == [str(tmp_path / "a.txt")]
+    bad = good.replace(f"[{tmp_path / 'a.txt'}]", f"[{tmp_path / 'a.txt'}, {tmp_path / 'missing.txt'}]")
+    with pytest.raises(ConfigError, match=r"<arch>:1: task.path: no such file or directory: .*missing.txt"):
+        load_arch(text=bad)
+    with pytest.raises(ConfigError, match=r"task.path"):
+        load_arch(text=good.replace(f"[{tmp_path / 'a.txt'}]", "[]"))
+
+
+def test_stream_skip_starts_where_drawing_would_have_reached(corpus, tmp_path):
+    """A resumed run reopens the stream past the batches it already drew, without reading them."""
+    data = build(cfg(corpus, tmp_path, in_memory_tokens=100))
+    drawn = data.train_stream(4, 3)
+    for _ in range(5):
+        next(drawn)
+    x, y = next(drawn)
+    x2, y2 = next(data.train_stream(4, 3, skip=5))
+    assert torch.equal(x, x2) and torch.equal(y, y2)
 
 
 def test_tokenizers_json_file(corpus, tmp_path):

@@ -1,8 +1,9 @@
 """Next-token language modelling on text through the ``datasets`` library; validation loss and bits per byte.
 
-Sources (``path``): a local text/json/jsonl/parquet file, a directory or glob of such files (one format), or a
-Hugging Face hub dataset name (``config_name`` is its configuration, ``split`` its split; needs the machine to be
-online). The field is not called ``name``: in a space's ``task:`` mapping ``name`` is the task's own name (``lm``).
+Sources (``path``): a local text/json/jsonl/parquet file, a directory or glob of such files (one format), a list
+of those (read in the order given), or a Hugging Face hub dataset name (``config_name`` is its configuration,
+``split`` its split; needs the machine to be online). The field is not called ``name``: in a space's ``task:``
+mapping ``name`` is the task's own name (``lm``).
 Documents are read with ``streaming=True`` and tokenized as they stream, so a corpus larger than memory never
 sits in memory: tokens go to a cache on disk, which later trials and worker processes reuse.
 
@@ -54,7 +55,7 @@ EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "[EOS]", "<|end_of_text|>")
 class LMConfig(TaskConfig):
     """Text LM task; see the module docstring. ``vocab_size`` is filled in from the tokenizer."""
 
-    path: str = "data/prose.txt"
+    path: str | list[str] = "data/prose.txt"  # a list: local files, folders or globs, read in order
     config_name: str | None = None  # a hub dataset's configuration (datasets' `name`)
     split: str = "train"
     text_field: str = "text"
@@ -77,7 +78,12 @@ class LMConfig(TaskConfig):
                 pass
 
     def check(self) -> LMConfig:
-        for name in ("path", "split", "text_field", "tokenizer", "cache_dir"):
+        if isinstance(self.path, list):
+            if not self.path or not all(isinstance(p, str) and p for p in self.path):
+                raise TaskConfigError("path", f"a list of paths must hold non-empty strings, got {self.path!r}")
+        elif not isinstance(self.path, str) or not self.path:
+            raise TaskConfigError("path", f"must be a non-empty string or a list of them, got {self.path!r}")
+        for name in ("split", "text_field", "tokenizer", "cache_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise TaskConfigError(name, f"must be a non-empty string, got {getattr(self, name)!r}")
         if self.config_name is not None and not isinstance(self.config_name, str):
@@ -181,7 +187,20 @@ class Source:
 
 
 def resolve_source(cfg: LMConfig) -> Source:
-    """Local file, directory or glob -> its files and their ``datasets`` builder; anything else: a hub name."""
+    """Local file, directory or glob (or a list of them) -> its files and their ``datasets`` builder; anything
+    else: a hub name."""
+    if isinstance(cfg.path, list):
+        files: list[str] = []
+        builders = set()
+        for p in cfg.path:
+            one = resolve_source(LMConfig(path=p, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size))
+            if one.builder == "hub":
+                raise TaskConfigError("path", f"no such file or directory: {p} (a list names local files only)")
+            builders.add(one.builder)
+            files += [f for f in one.files if f not in files]
+        if len(builders) > 1:
+            raise TaskConfigError("path", f"files of several formats in the list: {sorted(builders)}; use one")
+        return Source(builders.pop(), files)
     path = os.path.expanduser(cfg.path)
     if any(ch in path for ch in "*?["):
         files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
@@ -342,10 +361,13 @@ def _windows(tokens: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def _memmap_stream(path: Path, dtype: str, seq_len: int) -> Callable[[int, int], Iterator]:
-    def stream(batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def stream(batch_size: int, seed: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Random windows; ``skip``: start after that many batches (a resumed run), reading none of them."""
         data = np.memmap(path, dtype=dtype, mode="r")
         rng = np.random.default_rng(seed)
         high = len(data) - seq_len - 1
+        for _ in range(skip):
+            rng.integers(0, high + 1, size=batch_size)
         while True:
             starts = rng.integers(0, high + 1, size=batch_size)
             win = np.stack([np.asarray(data[s:s + seq_len + 1], dtype=np.int64) for s in starts])

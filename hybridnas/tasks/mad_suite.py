@@ -23,8 +23,8 @@ ALL_TASKS = list(MAD_TASKS)
 #: equal.
 TRAIN_FIELDS = frozenset({
     "steps", "batch_size", "lr", "weight_decay", "beta1", "beta2", "warmup_steps", "min_lr_ratio", "grad_clip",
-    "eval_every", "eval_examples", "target_accuracy", "seed", "device", "bf16", "max_time", "threads",
-    "compile",
+    "eval_every", "eval_examples", "target_accuracy", "seed", "device", "bf16", "precision", "max_time",
+    "threads", "compile",
 })
 
 

@@ -195,9 +195,13 @@ def export_best(study, out_dir: str | Path, **kw) -> Path:
 
 
 def export_pareto(study, out_dir: str | Path, **kw) -> Path:
-    """Every Pareto-optimal trial to ``out_dir/trial-NNNNN/`` plus ``pareto.json`` and a README table."""
+    """Every Pareto-optimal trial to ``out_dir/trial-NNNNN/`` plus ``pareto.json`` and a README table; each
+    architecture once (a duplicate proposal shares its original's values, so it is on the front too: it is left
+    out, see :func:`hybridnas.plots.pareto_front`)."""
+    from hybridnas.plots import pareto_front
+
     out = Path(out_dir)
-    front = sorted((t for t in study.best_trials if _finite(t)), key=lambda t: t.number)
+    front = pareto_front(study)
     if not front:
         raise ValueError(f"study {study.study_name!r} has no completed trial to export")
     names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]

@@ -1,9 +1,15 @@
 """``hybridnas plot STUDY --out DIR``: PNG plots of a study, written atomically.
 
 - ``optimization_history.png``  primary objective per trial and the best so far
-- ``pareto_front.png``          multi-objective studies only
+- ``pareto_front.png``          multi-objective studies only: the first two objectives, each point labelled with
+                                its pattern and trial number (Pareto-optimal points always; the dominated ones too
+                                while the study has at most 30 distinct trials)
 - ``param_importances.png``     Optuna's default evaluator (PED-ANOVA in Optuna 5) when it can be computed
 - ``symbol_depth.png``          which symbol sits at which depth among the best trials
+
+Each architecture counts once (:func:`distinct_trials`): a duplicate proposal, recorded COMPLETE with its original's
+value and ``duplicate_of``, is not a second point of the Pareto front nor a second vote in the symbol-at-depth
+heatmap. ``hybridnas export --pareto`` takes its front from :func:`pareto_front` too.
 """
 
 from __future__ import annotations
@@ -33,8 +39,32 @@ def _completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
             if t.values and all(math.isfinite(v) for v in t.values)]
 
 
+def distinct_trials(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Each trained configuration once, in trial order: a trial marked ``duplicate_of`` (a proposal that reused an
+    earlier trial's value) is dropped, and of trials with the same ``config_key`` (workers that raced to train one
+    configuration) only the first is kept."""
+    seen: set[str] = set()
+    out = []
+    for t in sorted(trials, key=lambda t: t.number):
+        if "duplicate_of" in t.user_attrs:
+            continue
+        key = t.user_attrs.get("config_key")
+        if isinstance(key, str):
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(t)
+    return out
+
+
+def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The Pareto-optimal trials with finite values (Optuna's ``best_trials``, which respects the constraints),
+    each architecture once (:func:`distinct_trials`), in trial order."""
+    return distinct_trials([t for t in study.best_trials if t.values and all(math.isfinite(v) for v in t.values)])
+
+
 def best_fraction(study: optuna.Study, fraction: float = 0.25, minimum: int = 3) -> list[optuna.trial.FrozenTrial]:
-    done = _completed(study)
+    done = distinct_trials(_completed(study))
     maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
     done.sort(key=lambda t: -t.values[0] if maximize else t.values[0])
     return done[:max(minimum, math.ceil(fraction * len(done)))]
@@ -56,6 +86,47 @@ def symbol_depth_counts(trials: list[optuna.trial.FrozenTrial]) -> tuple[list[st
             row.append(sum(p[i] == s for p in have) / len(have) if have else math.nan)
         grid.append(row)
     return symbols, grid
+
+
+LABEL_ALL_UP_TO = 30  # distinct trials: up to this many, dominated points are labelled too
+LOG_SCALE = ("params", "state_bytes", "tokens_per_s")  # objectives spanning orders of magnitude
+
+
+def pareto_axes(study: optuna.Study, names: list[str]):
+    """Scatter of the first two objectives over the distinct completed trials, the Pareto front highlighted; each
+    front point is annotated with its pattern and trial number (every point while there are at most
+    :data:`LABEL_ALL_UP_TO`). Returns the Axes; the caller saves and closes its figure."""
+    import matplotlib.pyplot as plt
+
+    done = distinct_trials(_completed(study))
+    front = pareto_front(study)
+    on_front = {t.number for t in front}
+    dominated = [t for t in done if t.number not in on_front]
+    fig, ax = plt.subplots(figsize=(7, 5))
+
+    def label(t: optuna.trial.FrozenTrial) -> str:
+        return f"{t.user_attrs.get('pattern', '?')} #{t.number}"
+
+    if dominated:
+        ax.scatter([t.values[0] for t in dominated], [t.values[1] for t in dominated], c="lightgray",
+                   edgecolors="gray", label="dominated", zorder=2)
+        if len(done) <= LABEL_ALL_UP_TO:
+            for t in dominated:
+                ax.annotate(label(t), (t.values[0], t.values[1]), textcoords="offset points", xytext=(4, 4),
+                            fontsize=6, color="dimgray")
+    ax.scatter([t.values[0] for t in front], [t.values[1] for t in front], c="tab:red", label="Pareto front",
+               zorder=3)
+    for t in front:
+        ax.annotate(label(t), (t.values[0], t.values[1]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for axis, name, i in ((ax.set_xscale, names[0], 0), (ax.set_yscale, names[1], 1)):
+        if name in LOG_SCALE and all(t.values[i] > 0 for t in done):
+            axis("log")
+    ax.set_xlabel(f"{names[0]} ({study.directions[0].name.lower()})")
+    ax.set_ylabel(f"{names[1]} ({study.directions[1].name.lower()})")
+    more = f"; the front is over all {len(names)} objectives" if len(names) > 2 else ""
+    ax.set_title(f"Pareto front: {len(front)} of {len(done)} distinct trials{more}", fontsize=9)
+    ax.legend(fontsize=7)
+    return ax
 
 
 def plot_study(study: optuna.Study, out_dir: str | Path, top_fraction: float = 0.25) -> list[Path]:
@@ -80,8 +151,7 @@ def plot_study(study: optuna.Study, out_dir: str | Path, top_fraction: float = 0
         atomic_write_bytes(out / "optimization_history.png", _png(ax.figure))
         written.append(out / "optimization_history.png")
         if multi:
-            ax = ovm.plot_pareto_front(study, target_names=names[:3] if len(names) <= 3 else None,
-                                       targets=None if len(names) <= 3 else (lambda t: t.values[:2]))
+            ax = pareto_axes(study, names)
             atomic_write_bytes(out / "pareto_front.png", _png(ax.figure))
             written.append(out / "pareto_front.png")
         try:

@@ -1,0 +1,77 @@
+"""Results as a user reads them: duplicates counted once, labelled Pareto plots, byte decoding, in-trial progress."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+
+from hybridnas import export, plots
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _study(directions: list[str], rows: list[tuple[str, list[float], dict]]) -> optuna.Study:
+    """A study built by hand: one trial per row (pattern, values, extra user attrs), as hybridnas search records
+    them (a duplicate proposal is COMPLETE with its original's values and ``duplicate_of``)."""
+    study = optuna.create_study(directions=directions)
+    dist = {"pattern": CategoricalDistribution(["AA", "AM", "MM"])}
+    for pattern, values, attrs in rows:
+        study.add_trial(optuna.trial.create_trial(
+            params={"pattern": pattern}, distributions=dist, values=values,
+            user_attrs={"pattern": pattern, "canonical": pattern, "config_key": f"key-{pattern}", **attrs}))
+    return study
+
+
+def test_symbol_depth_heatmap_counts_a_duplicate_once():
+    study = _study(["maximize"], [("AA", [0.9], {}), ("AA", [0.9], {"duplicate_of": 0}), ("MM", [0.5], {}),
+                                  ("AM", [0.4], {})])
+    best = plots.best_fraction(study, 1.0)
+    assert sorted(t.number for t in best) == [0, 2, 3]
+    symbols, grid = plots.symbol_depth_counts(best)
+    assert symbols == ["A", "M"]
+    assert grid[0][0] == pytest.approx(2 / 3)  # AA, AM of AA, MM, AM: not 3/4 with the duplicate counted again
+
+
+def test_a_second_worker_training_the_same_configuration_counts_once():
+    # two workers raced and both trained one configuration: same config_key, no duplicate mark
+    study = _study(["maximize"], [("AA", [0.9], {}), ("AA", [0.8], {}), ("MM", [0.5], {})])
+    assert [t.number for t in plots.best_fraction(study, 1.0)] == [0, 2]
+
+
+PARETO_ROWS = [("AA", [0.9, 100.0], {}), ("AA", [0.9, 100.0], {"duplicate_of": 0}), ("MM", [0.5, 50.0], {}),
+               ("AM", [0.4, 200.0], {})]
+
+
+def test_pareto_front_lists_each_architecture_once():
+    study = _study(["maximize", "minimize"], PARETO_ROWS)
+    assert len(study.best_trials) == 3  # Optuna's own front holds the duplicate too
+    assert [t.number for t in plots.pareto_front(study)] == [0, 2]
+
+
+def test_export_pareto_exports_a_duplicate_once(tmp_path, monkeypatch):
+    study = _study(["maximize", "minimize"], PARETO_ROWS)
+    exported = []
+    monkeypatch.setattr(export, "export_trial", lambda study, t, out, **kw: exported.append(t.number))
+    out = export.export_pareto(study, tmp_path / "front")
+    assert exported == [0, 2]
+    front = json.loads((out / "pareto.json").read_text())["front"]
+    assert [r["trial"] for r in front] == [0, 2]
+    assert (out / "README.md").read_text().count("`AA`") == 1
+
+
+def test_pareto_plot_labels_each_point_with_its_pattern(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    study = _study(["maximize", "minimize"], PARETO_ROWS)
+    ax = plots.pareto_axes(study, ["accuracy", "params"])
+    texts = [t.get_text() for t in ax.texts]
+    plt.close(ax.figure)
+    assert sum("AA" in s for s in texts) == 1  # the duplicate is not a second point
+    assert any("MM" in s for s in texts) and any("AM" in s for s in texts)
+    assert "pareto_front.png" in {p.name for p in plots.plot_study(study, tmp_path / "plots")}

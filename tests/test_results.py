@@ -75,3 +75,27 @@ def test_pareto_plot_labels_each_point_with_its_pattern(tmp_path):
     assert sum("AA" in s for s in texts) == 1  # the duplicate is not a second point
     assert any("MM" in s for s in texts) and any("AM" in s for s in texts)
     assert "pareto_front.png" in {p.name for p in plots.plot_study(study, tmp_path / "plots")}
+
+
+def test_byte_tokenizer_decodes_what_it_encodes():
+    from hybridnas.tasks.lm import BYTE_EOS, ByteTokenizer
+
+    tok = ByteTokenizer()
+    text = "héllo wörld, 価格 € 😀\n"
+    (ids, lens), = tok.encode([text])
+    assert tok.decode(ids) == text  # a numpy array of ids
+    assert tok.decode([*ids.tolist(), BYTE_EOS, *tok.encode(["ok"])[0][0].tolist()]) == text + "ok"  # end skipped
+    assert tok.decode(ids.tolist()[:2]) == "h\ufffd"  # a cut multi-byte character: replaced, no error
+
+
+def test_tokenizer_file_decodes_skipping_the_end_of_text(tmp_path):
+    pytest.importorskip("tokenizers")
+    from hybridnas.hf_tokenizer import byte_tokenizer
+    from hybridnas.tasks.lm import load_tokenizer
+
+    path = tmp_path / "tok.json"
+    path.write_text(byte_tokenizer().to_str())
+    tok = load_tokenizer(str(path))
+    text = "naïve café ✓"
+    (ids, _), = tok.encode([text])
+    assert tok.decode([*ids.tolist(), tok.eos_id]) == text

@@ -118,7 +118,7 @@ class LMConfig(TaskConfig):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes; ``encode`` returns ``(ids, byte length of each token)``."""
+    """UTF-8 bytes; ``encode`` returns ``(ids, byte length of each token)``, ``decode`` the text of ids."""
 
     vocab_size = BYTE_VOCAB
     eos_id = BYTE_EOS
@@ -130,6 +130,12 @@ class ByteTokenizer:
             ids = np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int64)
             out.append((ids, np.ones(len(ids), dtype=np.int64)))
         return out
+
+    def decode(self, ids) -> str:
+        """Ids (a list or array) back to text: the byte values as UTF-8, an invalid or cut sequence replaced by
+        U+FFFD; the end-of-document id, and any id past the bytes (a vocabulary padded beyond 257), is skipped."""
+        return bytes(int(i) for i in np.asarray(ids).reshape(-1) if 0 <= int(i) < 256).decode("utf-8",
+                                                                                              errors="replace")
 
 
 class JsonTokenizer:
@@ -162,6 +168,11 @@ class JsonTokenizer:
                 lens = cum[offs[:, 1]] - cum[offs[:, 0]]
             out.append((ids, np.maximum(lens, 0)))
         return out
+
+    def decode(self, ids) -> str:
+        """Ids back to text through the file's decoder; the end-of-document id is skipped."""
+        keep = [int(i) for i in np.asarray(ids).reshape(-1) if int(i) != self.eos_id]
+        return self.tok.decode(keep, skip_special_tokens=False)
 
 
 def load_tokenizer(spec: str) -> ByteTokenizer | JsonTokenizer:

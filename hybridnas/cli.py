@@ -129,6 +129,8 @@ def _check_search_args(args: argparse.Namespace) -> None:
     for flag, value in (("--timeout", args.timeout), ("--confirm-budget", args.confirm_budget)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"{flag} must be a positive number, got {value:g}")
+    if math.isnan(args.progress_after) or args.progress_after < 0:
+        raise ValueError(f"--progress-after must be 0 or more seconds, got {args.progress_after:g}")
 
 
 def _trial_error(e) -> int:
@@ -177,7 +179,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         try:
             study = search.run_search(space, storage=args.storage, study_name=args.study, n_trials=total,
                                       timeout=args.timeout, quiet=args.quiet, workers=workers,
-                                      seed_offset=args.worker_index or 0, report=report)
+                                      seed_offset=args.worker_index or 0, report=report,
+                                      progress_after=args.progress_after)
         except search.TrialError as e:
             return _trial_error(e)
         if args.worker_index is None and report.get("short") not in (None, "timeout"):
@@ -199,9 +202,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"best (confirmed): trial {confirmed_best.trial.number} mean {confirmed_best.mean:.4f} "
               f"pattern {confirmed_best.trial.user_attrs.get('pattern')}")
     elif len(study.directions) > 1:
-        print(f"Pareto front: {len(study.best_trials)} trial(s): "
-              + ", ".join(f"#{t.number} {t.user_attrs.get('pattern')} {_fmt_values(t.values)}"
-                          for t in study.best_trials))
+        from hybridnas.plots import pareto_front
+
+        front = pareto_front(study)  # each architecture once: a duplicate proposal shares its original's values
+        print(f"Pareto front: {len(front)} trial(s): "
+              + ", ".join(f"#{t.number} {t.user_attrs.get('pattern')} {_fmt_values(t.values)}" for t in front))
     elif best is None:
         print("no trial completed")
         return 1
@@ -885,6 +890,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "state bytes; train nothing, write nothing")
     s.add_argument("--dry-run-n", type=int, default=20, metavar="N",
                    help="candidates sampled by --dry-run from a space it cannot list (default 20)")
+    s.add_argument("--progress-after", type=float, default=10.0, metavar="SECONDS",
+                   help="a trial running longer than this prints a line per evaluation (step/steps, loss, accuracy, "
+                        "elapsed), at most one every SECONDS (default 10; 0: every evaluation; not with --workers)")
     s.add_argument("--workers", type=int, help="local worker processes on this study (default: search.workers)")
     s.add_argument("--worker-index", type=int, metavar="I",
                    help="run as worker I of many on a shared --storage (a SLURM array task, an indexed Kubernetes "

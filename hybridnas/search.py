@@ -16,6 +16,11 @@ trained. The parameter count comes from the layers' formulas, so a candidate ove
 recorded infeasible before its model is built (nothing allocated); decode-state bytes and throughput are measured
 on the built model. One objective keeps pruning; several objectives give a Pareto front and no pruning.
 
+A trial that runs long says how it goes: once it has run ``progress_after`` seconds (default
+:data:`PROGRESS_AFTER`, ``hybridnas search --progress-after``), each evaluation prints a line ``trial N step
+S/STEPS loss L accuracy A Ts``, at most one every ``progress_after`` seconds (0: every evaluation); ``--quiet``
+prints none. Short trials stay quiet: their one line comes when they end.
+
 ``n_trials`` counts trials that trained (:func:`counts_toward_budget`); infeasible, duplicate, repaired and
 invalid proposals (:func:`bookkeeping`) are counted apart and capped per run (:func:`proposal_cap`).
 
@@ -79,6 +84,9 @@ from hybridnas.yamlio import ConfigError
 from layers.ops import dispatch
 
 warnings.filterwarnings("ignore", category=ExperimentalWarning, module="optuna")
+
+
+PROGRESS_AFTER = 10.0  # seconds into a trial before it prints progress lines (and between two of them)
 
 
 class InvalidTrialConfig(ValueError):
@@ -402,8 +410,11 @@ class Objective:
 
     def __init__(self, space: SearchSpace, study_name: str, *, total: int | None = None, quiet: bool = False,
                  trainer: Callable[..., Any] | None = None, make_run: Callable[..., Any] | None = None,
-                 data: Any = None):
-        """``trainer`` (train's signature) and ``make_run`` (a run advanced evaluation by evaluation, for the lr
+                 data: Any = None, progress_after: float | None = PROGRESS_AFTER):
+        """``progress_after``: seconds into a trial before it prints progress lines, and between two of them (None:
+        never; nothing is printed when ``quiet``).
+
+        ``trainer`` (train's signature) and ``make_run`` (a run advanced evaluation by evaluation, for the lr
         ladder) replace real training: :mod:`hybridnas.replay` answers trials from a sweep's table through them."""
         from hybridnas.tasks import build_task
 
@@ -415,7 +426,26 @@ class Objective:
                                                                                      space.task.build_config())
         self.total = total
         self.quiet = quiet
+        self.progress_after = None if quiet else progress_after
         self.names = space.objective_names()
+
+    def _progress(self, trial_number: int, steps: int, t0: float) -> Callable[[int, dict[str, float]], None]:
+        """A trial's progress printer (see the module docstring): called at each evaluation."""
+        last = [-math.inf]
+
+        def show(step: int, ev: dict[str, float]) -> None:
+            now = time.perf_counter()
+            after = self.progress_after
+            if after is None or now - t0 < after or now - last[0] < after:
+                return
+            last[0] = now
+            from tqdm.auto import tqdm
+
+            shown = "".join(f" {k} {ev[k]:.4f}" for k in ("loss", "accuracy", "bits_per_byte")
+                            if isinstance(ev.get(k), float))
+            tqdm.write(f"  trial {trial_number:3d} step {step}/{steps}{shown} {now - t0:.1f}s")
+
+        return show
 
     def _duplicate(self, trial: optuna.Trial, key: str) -> optuna.trial.FrozenTrial | None:
         done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -527,8 +557,10 @@ class Objective:
         primary = self.names[0]
         multi = len(self.names) > 1
         out_dir = trial_dir(self.study_name, trial.number)
+        progress = self._progress(trial.number, arch.train.steps, t0)
 
         def on_eval(step: int, ev: dict[str, float]) -> None:
+            progress(step, ev)
             value = ev[primary]
             if not multi and math.isfinite(value):
                 trial.report(value, step)
@@ -666,7 +698,8 @@ def held_slots(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 def run_search(space: SearchSpace, *, storage: str | None = None, study_name: str | None = None,
                n_trials: int | None = None, timeout: float | None = None, quiet: bool = False,
                workers: int = 1, seed_offset: int = 0, objective_kwargs: dict[str, Any] | None = None,
-               gc_after_trial: bool = True, report: dict[str, Any] | None = None) -> optuna.Study:
+               gc_after_trial: bool = True, report: dict[str, Any] | None = None,
+               progress_after: float | None = PROGRESS_AFTER) -> optuna.Study:
     """Run (or resume) the study until ``n_trials`` trials have trained (:func:`counts_toward_budget`).
 
     Proposals that train nothing (infeasible, duplicate, repaired, invalid) do not count; one run stops after
@@ -679,6 +712,9 @@ def run_search(space: SearchSpace, *, storage: str | None = None, study_name: st
 
     Before asking for a trial, the RUNNING trials of this host's dead processes are failed and retried
     (:func:`fail_dead_local_trials`). A bug in a trial's code raises :class:`TrialError` (``search.on_error: stop``).
+
+    ``progress_after``: a trial prints progress lines once it has run that many seconds (see the module docstring;
+    None: never).
 
     ``objective_kwargs`` go to :class:`Objective` (``trainer``, ``make_run``, ``data``: a replay answers trials
     from a table through them; the rest of the loop is the search's own).
@@ -705,7 +741,8 @@ def run_search(space: SearchSpace, *, storage: str | None = None, study_name: st
         return study
     threads = space.train.get("threads")
     apply_torch_threads(threads if isinstance(threads, int) and not isinstance(threads, bool) else None)
-    objective = Objective(space, study.study_name, total=total, quiet=quiet, **(objective_kwargs or {}))
+    objective = Objective(space, study.study_name, total=total, quiet=quiet,
+                          **{"progress_after": progress_after, **(objective_kwargs or {})})
     bar, callback = _progress_callback(total, done, quiet)
     limit = proposal_cap(space, total)
     trained: list[int] = []

@@ -99,3 +99,57 @@ def test_tokenizer_file_decodes_skipping_the_end_of_text(tmp_path):
     text = "naïve café ✓"
     (ids, _), = tok.encode([text])
     assert tok.decode([*ids.tolist(), tok.eos_id]) == text
+
+
+TINY = """\
+name: NAME
+task: {name: mqar, vocab_size: 32, seq_len: 16, num_kv_pairs: 2, num_train: 64, num_test: 16}
+model: {d_model: 16, pattern: "AA", layers: {A: {n_heads: 2}}}
+train: {steps: 4, batch_size: 16, eval_every: 2, warmup_steps: 1, lr: 3.0e-3}
+search: {n_trials: 1, seed: 0, lr_mode: sample, max_proposals: 2, confirm_top: 0EXTRA}
+"""
+
+
+def _tiny(tmp_path, monkeypatch, name: str, extra: str = "") -> str:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(TINY.replace("NAME", name).replace("EXTRA", extra))
+    return str(path)
+
+
+def test_search_prints_progress_within_a_trial_past_the_threshold(tmp_path, monkeypatch, capsys):
+    import re
+
+    from hybridnas.cli import main
+
+    space = _tiny(tmp_path, monkeypatch, "prog")
+    assert main(["search", space, "--progress-after", "0"]) == 0
+    out = capsys.readouterr().out
+    lines = re.findall(r"trial\s+0 step (\d)/4 .*loss [\d.]+.*accuracy [\d.]+.* [\d.]+s", out)
+    assert lines == ["2", "4"], out
+    # the default threshold (10 s) keeps a short trial quiet
+    assert main(["search", space, "--study", "prog2"]) == 0
+    assert not re.search(r"step \d/4", capsys.readouterr().out)
+
+
+def test_search_end_summary_counts_the_pareto_front_once(tmp_path, monkeypatch, capsys):
+    from hybridnas import search
+    from hybridnas.cli import main
+    from hybridnas.config import load_space
+
+    path = _tiny(tmp_path, monkeypatch, "front", ", objectives: [accuracy, params]")
+    search.run_search(load_space(path), n_trials=2, quiet=True)  # one configuration: trains once, then duplicates
+    assert main(["search", path, "--n-trials", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "Pareto front: 1 trial(s): #0 AA" in out, out
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_a_bad_progress_threshold_is_one_line(tmp_path, monkeypatch, capsys, value):
+    from hybridnas.cli import main
+
+    space = _tiny(tmp_path, monkeypatch, "bad")
+    assert main(["search", space, "--progress-after", value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --progress-after"), err
+    assert not (tmp_path / "runs").exists()

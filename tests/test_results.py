@@ -153,3 +153,27 @@ def test_a_bad_progress_threshold_is_one_line(tmp_path, monkeypatch, capsys, val
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --progress-after"), err
     assert not (tmp_path / "runs").exists()
+
+
+def _readme_gaps(readme: str) -> list[str]:
+    """Train keys and extras the README does not document: each train key as `key` in the training settings
+    paragraph, each extra of pyproject.toml as a row of the extras table."""
+    import dataclasses
+    import tomllib
+    from pathlib import Path
+
+    from hybridnas.schema import TrainConfig
+
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    start = readme.find("Training settings (`train:`")
+    section = readme[start:readme.find("\n\n", readme.find("- `max_time`", start))] if start >= 0 else ""
+    gaps = [f"train.{f.name}" for f in dataclasses.fields(TrainConfig) if f"`{f.name}`" not in section]
+    return gaps + [f"extra {name}" for name in extras if f"\n| `{name}` |" not in readme]
+
+
+def test_readme_documents_every_train_key_and_extra():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert _readme_gaps(readme) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import optuna
 import pytest
@@ -117,12 +118,14 @@ def _tiny(tmp_path, monkeypatch, name: str, extra: str = "") -> str:
     return str(path)
 
 
-def test_search_prints_progress_within_a_trial_past_the_threshold(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("lr_mode", ["sample", "halving"])
+def test_search_prints_progress_within_a_trial_past_the_threshold(tmp_path, monkeypatch, capsys, lr_mode):
     import re
 
     from hybridnas.cli import main
 
     space = _tiny(tmp_path, monkeypatch, "prog")
+    Path(space).write_text(Path(space).read_text().replace("lr_mode: sample", f"lr_mode: {lr_mode}"))
     assert main(["search", space, "--progress-after", "0"]) == 0
     out = capsys.readouterr().out
     lines = re.findall(r"trial\s+0 step (\d)/4 .*loss [\d.]+.*accuracy [\d.]+.* [\d.]+s", out)
@@ -160,7 +163,6 @@ def _readme_gaps(readme: str) -> list[str]:
     paragraph, each extra of pyproject.toml as a row of the extras table."""
     import dataclasses
     import tomllib
-    from pathlib import Path
 
     from hybridnas.schema import TrainConfig
 
@@ -173,7 +175,5 @@ def _readme_gaps(readme: str) -> list[str]:
 
 
 def test_readme_documents_every_train_key_and_extra():
-    from pathlib import Path
-
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert _readme_gaps(readme) == []

@@ -17,10 +17,10 @@ that sends that id back continues the conversation: its prompt is only the new t
 (``usage.prompt_tokens``; ``usage.cached_tokens`` counts the tokens the state already covers). The cache keeps at
 most ``cache_bytes`` of state (least recently used evicted first) and drops an entry unused for ``cache_ttl``
 seconds; an unknown or expired id is a 404. Concurrent requests are batched (:class:`Batcher`): one worker thread
-runs the model, prefills each new request on its own, and steps the requests in their decode phase together, one
-forward per group of states that stack (every request of a recurrent-only model; with attention blocks, the
-requests with equally many tokens seen, so the KV caches and RoPE positions agree and no padding or mask is needed);
-``hybridnas_batch_size`` histograms the batch of every decode forward. A client that leaves a stream early ends its
+runs the model, prefills each new request on its own, and steps all requests in their decode phase together in one
+forward (recurrent states stacked along the batch axis; attention KV caches of different lengths as one ragged
+state, each row attending to its own cache at its own positions: no padding, no mask); ``hybridnas_batch_size``
+histograms the batch of every decode forward. A client that leaves a stream early ends its
 conversation (its state is not kept).
 
 Errors are JSON ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for a bad request (malformed
@@ -44,7 +44,7 @@ import torch
 from starlette.requests import Request  # module level: FastAPI resolves the endpoints' annotations here
 
 from hybridnas import generation
-from hybridnas.generation import Decoder, Export, Sampling, state_signature, step_batch
+from hybridnas.generation import Decoder, Export, Sampling, batch_key, step_batch
 from hybridnas.hf_tokenizer import StreamDecoder
 
 DEFAULT_CONTEXT = 2048
@@ -212,12 +212,13 @@ class Batcher:
     """Continuous batching of decode steps: one worker thread owns the model. Each turn of its loop it prefills
     the requests that arrived (one at a time), samples one token for every request in its decode phase (each with
     its own sampling settings and seeded generator), and steps the tokens in with one forward per group of
-    requests whose states stack (:func:`hybridnas.generation.state_signature`: the recurrent states of
-    Mamba/RWKV/... always do; attention KV caches must have the same length, so with attention blocks the
-    requests with equally many tokens seen step together). Requests join and leave between steps. A request that
-    fails (its prefill, its sampling, or its own step after a failed batched step is retried row by row) gets the
-    error; the others go on. Events on a slot's queue: ``("fed", None)``, ``("token", id)``, ``("end", finish)``,
-    ``("error", exception)``."""
+    requests whose states stack (:func:`hybridnas.generation.batch_key`: recurrent states of Mamba/RWKV/... have
+    fixed shapes and are concatenated along the batch axis; the attention layer takes KV caches of different
+    lengths as one ragged state, batching the projections and attending each row to its own cache at its own RoPE
+    positions, so no padding or key mask is needed; a state nothing knows how to stack decodes alone). Requests
+    join and leave between steps. A request that fails (its prefill, its sampling, or its own step after a failed
+    batched step is retried row by row) gets the error; the others go on. Events on a slot's queue:
+    ``("fed", None)``, ``("token", id)``, ``("end", finish)``, ``("error", exception)``."""
 
     def __init__(self, model, metrics: Metrics):
         self.model, self.metrics = model, metrics
@@ -275,7 +276,7 @@ class Batcher:
         groups: dict[Any, list[_Slot]] = {}
         for slot in active:
             if id(slot) in tokens:
-                sig = state_signature(slot.decoder.states)
+                sig = batch_key(self.model, slot.decoder.states)
                 groups.setdefault(("alone", id(slot)) if sig is None else sig, []).append(slot)
         for group in groups.values():
             try:

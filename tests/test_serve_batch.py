@@ -15,7 +15,14 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 httpx = pytest.importorskip("httpx")
 
-from hybridnas.generation import Decoder, load_export, split_states, stack_states, state_signature  # noqa: E402
+from hybridnas.generation import (  # noqa: E402
+    Decoder,
+    batch_key,
+    load_export,
+    split_states,
+    stack_states,
+    state_signature,
+)
 from hybridnas.serve import Server  # noqa: E402
 from tests.test_serve import MQAR, Running, export, greedy  # noqa: E402
 
@@ -59,8 +66,8 @@ def served(request, tmp_path_factory):
     run.stop()
 
 
-PROMPTS = [[1, 2, 3], [4, 5, 6], [7, 8, 9, 10, 11], [12, 13, 14, 15, 16], [17], [18], [19, 20, 21, 22, 23, 24, 25],
-           [26, 27, 28, 29, 30, 31, 32]]  # different lengths, and pairs of equal length (attention groups by it)
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7], [8], [9, 10, 11, 12, 13, 14, 15], [16, 17], [18, 19, 20, 21, 22],
+           [23, 24, 25, 26, 27, 28], [29, 30, 31, 32, 33, 34, 35, 36, 37]]  # all of different lengths
 
 
 def test_concurrent_greedy_equals_sequential_and_is_batched(served):
@@ -137,3 +144,39 @@ def test_stack_and_split_states_round_trip(tmp_path):
         for so, sg in zip(orig, got, strict=True):
             for k in so:
                 assert (torch.equal(so[k], sg[k]) if isinstance(so[k], torch.Tensor) else so[k] == sg[k]), k
+
+
+@pytest.mark.parametrize("cfg", [{}, {"window": 3}, {"n_kv_heads": 1}, {"rope": False}])
+def test_attention_ragged_step_equals_each_row_alone(cfg):
+    """Sequences of different lengths step in one batch through the attention layer: every row's output and new
+    state are those of stepping that sequence alone (up to float rounding: a CPU matmul of B rows does not round
+    exactly as B matmuls of one row; the attention of each row is the one-sequence kernel on its own cache)."""
+    from layers.attention import Attention
+
+    torch.manual_seed(0)
+    layer = Attention(16, Attention.Config(n_heads=2, **cfg)).eval()
+    lengths = [1, 4, 2, 7]
+    rows = []
+    with torch.no_grad():
+        for n in lengths:
+            _, st = layer.prefill(torch.randn(1, n, 16))
+            rows.append(st)
+        x = torch.randn(len(lengths), 1, 16)
+        y, st = layer.step(x, layer.stack_states(rows))
+        y2, st2 = layer.step(torch.randn(len(lengths), 1, 16), st)  # a second step on the ragged state
+        back = layer.split_state(st, len(lengths))
+        for i, row in enumerate(rows):
+            yi, si = layer.step(x[i:i + 1], row)
+            assert torch.allclose(y[i:i + 1], yi, rtol=1e-5, atol=1e-7), (cfg, i)
+            assert back[i]["k"].shape == si["k"].shape and torch.allclose(back[i]["k"], si["k"], rtol=1e-5, atol=1e-7)
+            assert torch.allclose(back[i]["v"], si["v"], rtol=1e-5, atol=1e-7)
+            assert back[i]["pos"] == si["pos"] == lengths[i] + 1
+    assert y2.shape == (len(lengths), 1, 16)
+
+
+def test_batch_key_takes_attention_caches_of_any_length(tmp_path):
+    _, model = export(tmp_path / "exp", MQAR, 64, "MA")
+    a, b = Decoder(model), Decoder(model)
+    a.feed([1, 2, 3])
+    b.feed([4, 5, 6, 7, 8])
+    assert batch_key(model, a.states) == batch_key(model, b.states) is not None

@@ -19,7 +19,8 @@ most ``cache_bytes`` of state (least recently used evicted first) and drops an e
 seconds; an unknown or expired id is a 404. Concurrent requests are batched (:class:`Batcher`): one worker thread
 runs the model, prefills each new request on its own, and steps all requests in their decode phase together in one
 forward (recurrent states stacked along the batch axis; attention KV caches of different lengths as one ragged
-state, each row attending to its own cache at its own positions: no padding, no mask); ``hybridnas_batch_size``
+state, each row attending to its own cache at its own positions: no padding, no mask; a state that grows otherwise,
+such as implicit Hyena's cached inputs, batches with equally long ones); ``hybridnas_batch_size``
 histograms the batch of every decode forward. A client that leaves a stream early ends its
 conversation (its state is not kept).
 

@@ -180,3 +180,31 @@ def test_batch_key_takes_attention_caches_of_any_length(tmp_path):
     a.feed([1, 2, 3])
     b.feed([4, 5, 6, 7, 8])
     assert batch_key(model, a.states) == batch_key(model, b.states) is not None
+
+
+@pytest.mark.parametrize("pattern", ["MA", "AM-", "HA", "M"])
+def test_step_batch_equals_each_decoder_alone(tmp_path, pattern):
+    """step_batch over conversations of different lengths: every decoder's next logits and state are those of
+    stepping it alone (to float rounding), over several steps."""
+    from hybridnas.generation import step_batch
+
+    _, model = export(tmp_path / "exp", MQAR, 64, pattern)
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
+    batched, alone = [Decoder(model) for _ in prompts], [Decoder(model) for _ in prompts]
+    for b, a, p in zip(batched, alone, prompts, strict=True):
+        b.feed(p)
+        a.feed(p)
+    for t in range(4):
+        toks = [20 + t + i for i in range(len(prompts))]
+        groups: dict = {}  # as the server groups them (a Hyena state grows with length: equal lengths only)
+        for i, b in enumerate(batched):
+            groups.setdefault(batch_key(model, b.states), []).append(i)
+        if pattern != "HA":
+            assert len(groups) == 1  # recurrent states and attention caches of any length: one batch
+        for idx in groups.values():
+            step_batch(model, [batched[i] for i in idx], [toks[i] for i in idx])
+        for a, tok in zip(alone, toks, strict=True):
+            step_batch(model, [a], [tok])
+        for b, a in zip(batched, alone, strict=True):
+            assert b.seen == a.seen
+            assert torch.allclose(b.logits, a.logits, rtol=1e-4, atol=1e-6), (pattern, t)

@@ -205,7 +205,7 @@ class _Slot:
     events: queue.Queue
     generator: Any = None
     n: int = 0
-    fed: bool = False
+    in_batch: bool = False  # prefilled and still decoding
     cancelled: bool = False
 
 
@@ -253,7 +253,7 @@ class Batcher:
                 except Exception as e:  # noqa: BLE001  (this request fails, the server goes on)
                     slot.events.put(("error", e))
                     continue
-                slot.fed = True
+                slot.in_batch = True
                 slot.events.put(("fed", None))
                 if slot.max_tokens == 0:
                     slot.events.put(("end", "length"))
@@ -265,7 +265,7 @@ class Batcher:
             except Exception as e:  # noqa: BLE001  (a bug here must not leave requests waiting forever)
                 for slot in active:
                     self._fail(slot, e)
-            active = [s for s in active if not s.cancelled and s.n < s.max_tokens and s.fed]
+            active = [s for s in active if not s.cancelled and s.n < s.max_tokens and s.in_batch]
 
     def _step(self, active: list[_Slot]) -> None:
         tokens: dict[int, int] = {}
@@ -302,14 +302,14 @@ class Batcher:
                 slot.events.put(("token", tok))
                 if slot.eos is not None and tok == slot.eos:
                     slot.events.put(("end", "stop"))
-                    slot.fed = False  # leaves the batch
+                    slot.in_batch = False  # leaves the batch
                 elif slot.n >= slot.max_tokens:
                     slot.events.put(("end", "length"))
 
     @staticmethod
     def _fail(slot: _Slot, e: Exception) -> None:
         slot.events.put(("error", e))
-        slot.fed = False  # leaves the batch
+        slot.in_batch = False  # leaves the batch
 
 
 # ---------------------------------------------------------------------------------------------- requests

@@ -131,6 +131,120 @@ class Decoder:
         return total
 
 
+def state_signature(states: Any) -> tuple | None:
+    """What must be equal for two one-sequence states of a block to be concatenated along the batch axis: the
+    structure, every tensor's shape past the batch axis, dtype and device, and every other value. None when a
+    tensor has no batch axis of 1 (a state that cannot be stacked this way)."""
+    if isinstance(states, torch.Tensor):
+        if states.dim() == 0 or states.shape[0] != 1:
+            return None
+        return ("T", tuple(states.shape[1:]), states.dtype, str(states.device))
+    if isinstance(states, dict):
+        parts = []
+        for k in sorted(states, key=repr):
+            sig = state_signature(states[k])
+            if sig is None:
+                return None
+            parts.append((k, sig))
+        return ("D", tuple(parts))
+    if isinstance(states, (list, tuple)):
+        parts = []
+        for v in states:
+            sig = state_signature(v)
+            if sig is None:
+                return None
+            parts.append(sig)
+        return ("L" if isinstance(states, list) else "U", tuple(parts))
+    try:
+        hash(states)
+    except TypeError:
+        return None
+    return ("V", type(states).__name__, states)
+
+
+def stack_states(rows: list[Any]) -> Any:
+    """Stack one-sequence states of equal :func:`state_signature` along the batch axis (dim 0)."""
+    first = rows[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(rows, dim=0)
+    if isinstance(first, dict):
+        return {k: stack_states([r[k] for r in rows]) for k in first}
+    if isinstance(first, (list, tuple)):
+        out = [stack_states([r[i] for r in rows]) for i in range(len(first))]
+        return out if isinstance(first, list) else tuple(out)
+    return first
+
+
+def split_states(states: Any, n: int) -> list[Any]:
+    """The inverse of :func:`stack_states`: ``n`` one-sequence states (each tensor row copied out of the batch, so
+    a cached conversation keeps only its own bytes)."""
+    if isinstance(states, torch.Tensor):
+        return [states[i:i + 1].clone() for i in range(n)]
+    if isinstance(states, dict):
+        parts = {k: split_states(v, n) for k, v in states.items()}
+        return [{k: parts[k][i] for k in states} for i in range(n)]
+    if isinstance(states, (list, tuple)):
+        cols = [split_states(v, n) for v in states]
+        rows = [[c[i] for c in cols] for i in range(n)]
+        return rows if isinstance(states, list) else [tuple(r) for r in rows]
+    return [states] * n
+
+
+def _ragged(layer: Any) -> bool:
+    """Whether ``layer`` stacks its own states (sequences of different lengths in one batch: attention)."""
+    return callable(getattr(layer, "stack_states", None)) and callable(getattr(layer, "split_state", None))
+
+
+def batch_key(model: HybridLM, states: list[Any]) -> tuple | None:
+    """What must be equal for two sequences' decoding states (one entry per block) to step in one batch: per block,
+    :func:`state_signature`, except a layer that stacks its own states (``stack_states``/``split_state``, as the
+    attention layer does for KV caches of different lengths), which takes any. None: the state decodes alone."""
+    parts: list[Any] = []
+    for block, s in zip(model.blocks, states, strict=True):
+        if _ragged(block.layer):
+            parts.append(("ragged", id(block.layer)))
+            continue
+        sig = state_signature(s)
+        if sig is None:
+            return None
+        parts.append(sig)
+    return tuple(parts)
+
+
+def stack_model_states(model: HybridLM, rows: list[list[Any]]) -> list[Any]:
+    """The batch state of ``rows`` (one-sequence states of equal :func:`batch_key`), block by block."""
+    out = []
+    for i, block in enumerate(model.blocks):
+        col = [r[i] for r in rows]
+        out.append(block.layer.stack_states(col) if _ragged(block.layer) else stack_states(col))
+    return out
+
+
+def split_model_states(model: HybridLM, states: list[Any], n: int) -> list[list[Any]]:
+    """The inverse of :func:`stack_model_states`: ``n`` one-sequence states."""
+    cols = [block.layer.split_state(s, n) if _ragged(block.layer) else split_states(s, n)
+            for block, s in zip(model.blocks, states, strict=True)]
+    return [[c[i] for c in cols] for i in range(n)]
+
+
+@torch.no_grad()
+def step_batch(model: HybridLM, decoders: list[Decoder], tokens: list[int]) -> None:
+    """Step ``tokens[i]`` into ``decoders[i]`` for all of them in one forward of batch ``len(decoders)``: their
+    states (equal :func:`batch_key`) are stacked, stepped and split back; each decoder's ``logits`` and ``seen``
+    advance as :meth:`Decoder.generate` would."""
+    device = model.embed.weight.device
+    tok = torch.tensor(tokens, dtype=torch.long, device=device)
+    if len(decoders) == 1:
+        d = decoders[0]
+        d.logits, d.states = model.step(tok, d.states)
+        d.seen += 1
+        return
+    logits, states = model.step(tok, stack_model_states(model, [d.states for d in decoders]))
+    for i, (d, s) in enumerate(zip(decoders, split_model_states(model, states, len(decoders)), strict=True)):
+        d.logits, d.states = logits[i:i + 1].clone(), s
+        d.seen += 1
+
+
 @dataclass
 class Export:
     """A loaded export folder: the model, its tokenizer (None without one) and its config.json."""

@@ -9,15 +9,20 @@ Endpoints (FastAPI + uvicorn; the ``serve`` extra):
   {"include_usage": true}`` adds a usage chunk), ``model`` (echoed), ``n`` (only 1), ``conversation_id``.
 - ``GET /health``: 200 ``{"status": "ok"}``.
 - ``GET /metrics``: Prometheus text (``hybridnas_`` metrics: requests by status, prompt and generated tokens, request
-  latency and time to first token histograms, state cache hits/misses/evictions, bytes and entries).
+  latency, time to first token and decode batch size histograms, state cache hits/misses/evictions, bytes and entries).
 
 Conversations: every response carries a ``conversation_id``; the decoding state of every block after the reply
 (the KV cache of attention blocks, the recurrent state of Mamba/RWKV/Hyena blocks) is kept under it. A request
 that sends that id back continues the conversation: its prompt is only the new tokens, and only they are run
 (``usage.prompt_tokens``; ``usage.cached_tokens`` counts the tokens the state already covers). The cache keeps at
 most ``cache_bytes`` of state (least recently used evicted first) and drops an entry unused for ``cache_ttl``
-seconds; an unknown or expired id is a 404. Requests take turns on the model one token at a time; a client that
-leaves a stream early ends its conversation (its state is not kept).
+seconds; an unknown or expired id is a 404. Concurrent requests are batched (:class:`Batcher`): one worker thread
+runs the model, prefills each new request on its own, and steps all requests in their decode phase together in one
+forward (recurrent states stacked along the batch axis; attention KV caches of different lengths as one ragged
+state, each row attending to its own cache at its own positions: no padding, no mask; a state that grows otherwise,
+such as implicit Hyena's cached inputs, batches with equally long ones); ``hybridnas_batch_size``
+histograms the batch of every decode forward. A client that leaves a stream early ends its
+conversation (its state is not kept).
 
 Errors are JSON ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for a bad request (malformed
 JSON, a missing or mistyped field, a negative count, a prompt past the context limit, an unknown conversation) and
@@ -27,6 +32,7 @@ JSON, a missing or mistyped field, a negative count, a prompt past the context l
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
 import uuid
@@ -35,9 +41,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from starlette.requests import Request  # module level: FastAPI resolves the endpoints' annotations here
 
-from hybridnas.generation import Decoder, Export, Sampling
+from hybridnas import generation
+from hybridnas.generation import Decoder, Export, Sampling, batch_key, step_batch
 from hybridnas.hf_tokenizer import StreamDecoder
 
 DEFAULT_CONTEXT = 2048
@@ -158,6 +166,8 @@ class Metrics:
                                        ["reason"], registry=r)
         self.cache_bytes = Gauge("hybridnas_state_cache_bytes", "Bytes of cached decoding state", registry=r)
         self.cache_entries = Gauge("hybridnas_state_cache_entries", "Cached conversations", registry=r)
+        self.batch_size = Histogram("hybridnas_batch_size", "Sequences stepped together in one decode forward",
+                                    registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.running = Gauge("hybridnas_num_requests_running", "Requests decoding now", registry=r)
         info = Gauge("hybridnas_build_info", "The served model", ["model"], registry=r)
         info.labels(model=model_name).set(1)
@@ -178,6 +188,128 @@ class Metrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+
+@dataclass
+class _Slot:
+    """One request in the batcher: its decoder, what is left to do, and the queue its events go to."""
+
+    decoder: Decoder
+    ids: list[int]
+    max_tokens: int
+    sampling: Sampling
+    eos: int | None
+    events: queue.Queue
+    generator: Any = None
+    n: int = 0
+    in_batch: bool = False  # prefilled and still decoding
+    cancelled: bool = False
+
+
+class Batcher:
+    """Continuous batching of decode steps: one worker thread owns the model. Each turn of its loop it prefills
+    the requests that arrived (one at a time), samples one token for every request in its decode phase (each with
+    its own sampling settings and seeded generator), and steps the tokens in with one forward per group of
+    requests whose states stack (:func:`hybridnas.generation.batch_key`: recurrent states of Mamba/RWKV/... have
+    fixed shapes and are concatenated along the batch axis; the attention layer takes KV caches of different
+    lengths as one ragged state, batching the projections and attending each row to its own cache at its own RoPE
+    positions, so no padding or key mask is needed; a state nothing knows how to stack decodes alone). Requests
+    join and leave between steps. A request that fails (its prefill, its sampling, or its own step after a failed
+    batched step is retried row by row) gets the error; the others go on. Events on a slot's queue:
+    ``("fed", None)``, ``("token", id)``, ``("end", finish)``, ``("error", exception)``."""
+
+    def __init__(self, model, metrics: Metrics):
+        self.model, self.metrics = model, metrics
+        self.cond = threading.Condition()
+        self.pending: list[_Slot] = []
+        self.thread: threading.Thread | None = None
+
+    def submit(self, slot: _Slot) -> None:
+        with self.cond:
+            self.pending.append(slot)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._loop, name="hybridnas-batcher", daemon=True)
+                self.thread.start()
+            self.cond.notify()
+
+    def _loop(self) -> None:
+        active: list[_Slot] = []
+        while True:
+            with self.cond:
+                while not self.pending and not active:
+                    self.cond.wait()
+                arrived, self.pending = self.pending, []
+            for slot in arrived:
+                if slot.cancelled:
+                    continue
+                try:
+                    slot.decoder.feed(slot.ids)
+                    if slot.sampling.seed is not None and slot.sampling.temperature > 0:
+                        slot.generator = torch.Generator(device=slot.decoder.logits.device).manual_seed(
+                            slot.sampling.seed)
+                except Exception as e:  # noqa: BLE001  (this request fails, the server goes on)
+                    slot.events.put(("error", e))
+                    continue
+                slot.in_batch = True
+                slot.events.put(("fed", None))
+                if slot.max_tokens == 0:
+                    slot.events.put(("end", "length"))
+                else:
+                    active.append(slot)
+            active = [s for s in active if not s.cancelled]
+            try:
+                self._step(active)
+            except Exception as e:  # noqa: BLE001  (a bug here must not leave requests waiting forever)
+                for slot in active:
+                    self._fail(slot, e)
+            active = [s for s in active if not s.cancelled and s.n < s.max_tokens and s.in_batch]
+
+    def _step(self, active: list[_Slot]) -> None:
+        tokens: dict[int, int] = {}
+        for slot in active:
+            try:
+                tokens[id(slot)] = int(generation.sample(slot.decoder.logits, slot.sampling, slot.generator)[0])
+            except Exception as e:  # noqa: BLE001
+                self._fail(slot, e)
+        groups: dict[Any, list[_Slot]] = {}
+        for slot in active:
+            if id(slot) in tokens:
+                sig = batch_key(self.model, slot.decoder.states)
+                groups.setdefault(("alone", id(slot)) if sig is None else sig, []).append(slot)
+        for group in groups.values():
+            try:
+                step_batch(self.model, [s.decoder for s in group], [tokens[id(s)] for s in group])
+                done = group
+                self.metrics.batch_size.observe(len(group))
+            except Exception as e:  # noqa: BLE001  (one bad row must not fail the others: retry them one by one)
+                if len(group) == 1:
+                    self._fail(group[0], e)
+                    continue
+                done = []
+                for slot in group:
+                    try:
+                        step_batch(self.model, [slot.decoder], [tokens[id(slot)]])
+                        done.append(slot)
+                        self.metrics.batch_size.observe(1)
+                    except Exception as e1:  # noqa: BLE001
+                        self._fail(slot, e1)
+            for slot in done:
+                tok = tokens[id(slot)]
+                slot.n += 1
+                slot.events.put(("token", tok))
+                if slot.eos is not None and tok == slot.eos:
+                    slot.events.put(("end", "stop"))
+                    slot.in_batch = False  # leaves the batch
+                elif slot.n >= slot.max_tokens:
+                    slot.events.put(("end", "length"))
+
+    @staticmethod
+    def _fail(slot: _Slot, e: Exception) -> None:
+        slot.events.put(("error", e))
+        slot.in_batch = False  # leaves the batch
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -217,7 +349,7 @@ class Server:
         self.max_context = int(max_context or config_ctx or DEFAULT_CONTEXT)
         self.metrics = Metrics(self.model_name)
         self.cache = StateCache(cache_bytes, cache_ttl, self.metrics)
-        self.model_lock = threading.Lock()
+        self.batcher = Batcher(export.model, self.metrics)
 
     # -- validation ------------------------------------------------------------------------------------------
 
@@ -317,30 +449,34 @@ class Server:
         eos = self.export.eos_id
         n = 0
         finish = "length"
+        slot = _Slot(decoder, list(req.ids), req.max_tokens, req.sampling, eos, queue.Queue())
         self.metrics.running.inc()
         try:
-            with self.model_lock:
-                decoder.feed(req.ids)
-            self.metrics.prompt_tokens.inc(len(req.ids))
-            tokens = decoder.generate(req.max_tokens, req.sampling, eos_id=eos)
+            self.batcher.submit(slot)
             while True:
-                # the model is held for one token at a time, never across a yield: a client that stops reading
-                # a stream leaves nothing locked
-                with self.model_lock:
-                    tok = next(tokens, None)
-                if tok is None:
+                # wait for the batcher's next event for this request; nothing is locked across a yield, so a client
+                # that stops reading a stream holds up no one (its slot is cancelled when the generator closes)
+                kind, value = slot.events.get()
+                if kind == "error":
+                    raise value
+                if kind == "fed":
+                    self.metrics.prompt_tokens.inc(len(req.ids))
+                    continue
+                if kind == "end":
+                    finish = value
                     break
+                tok = value
                 if n == 0:
                     self.metrics.ttft.observe(time.perf_counter() - t0)
                 n += 1
                 self.metrics.generation_tokens.inc()
                 if tok == eos:
-                    finish = "stop"
-                    break
+                    continue  # the "end" event ("stop") follows
                 yield text.push(tok), tok, None
             self.cache.put(conv, decoder)
             yield text.flush(), None, finish
         finally:
+            slot.cancelled = True  # a closed generator (a client gone mid-stream) leaves the batch
             self.metrics.running.dec()
             decoder.extra["usage"] = {"prompt_tokens": len(req.ids), "completion_tokens": n,
                                       "total_tokens": len(req.ids) + n, "cached_tokens": cached}

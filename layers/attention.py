@@ -59,6 +59,7 @@ class Attention(Layer):
 
     Decoding state (``prefill``/``step``): ``{"k", "v": (B, G, S, hd)`` (k after RoPE), ``"pos": int}`` where
     ``S = min(tokens seen, window)``: the cache is trimmed to the window, so its size is bounded by it.
+    :meth:`stack_states` makes one ragged state of sequences of different lengths (continuous batching).
     """
 
     state_grows: ClassVar[bool] = True
@@ -179,7 +180,10 @@ class Attention(Layer):
         return y, {"k": k, "v": v, "pos": t}
 
     def step(self, x: torch.Tensor, state: dict, ctx: dict | None = None) -> tuple[torch.Tensor, dict]:
-        """Decode ``x (B, T, d)`` (usually ``T = 1``) after the tokens summarised by ``state``."""
+        """Decode ``x (B, T, d)`` (usually ``T = 1``) after the tokens summarised by ``state`` (or a ragged state
+        of :meth:`stack_states`: sequences of different lengths in one batch)."""
+        if isinstance(state["pos"], list):
+            return self._step_ragged(x, state)
         pos = state["pos"]
         q, k_new, v_new = self._project(x, pos)
         k = torch.cat((state["k"], k_new), dim=2)
@@ -188,6 +192,44 @@ class Attention(Layer):
         y = self.out(self._attend(q, k, v, pos, pos + t - k.shape[2]))
         k, v = self._trim(k, v)
         return y, {"k": k, "v": v, "pos": pos + t}
+
+    # -- batches of sequences of different lengths (continuous batching in hybridnas serve) ----------------------
+
+    @staticmethod
+    def stack_states(states: list[dict]) -> dict:
+        """One ragged state for a batch of one-sequence states of any lengths: ``{"k", "v": [(1, G, S_i, hd)],
+        "pos": [int]}``, row ``i`` of the batch is ``states[i]``. :meth:`step` on it runs the projections for the
+        whole batch and attends each row to its own cache at its own RoPE positions (no padding, no mask), so each
+        row's output is the one-sequence step's."""
+        return {"k": [s["k"] for s in states], "v": [s["v"] for s in states], "pos": [s["pos"] for s in states]}
+
+    @staticmethod
+    def split_state(state: dict, n: int) -> list[dict]:
+        """The ``n`` one-sequence states of a ragged state (the inverse of :meth:`stack_states`)."""
+        return [{"k": state["k"][i], "v": state["v"][i], "pos": state["pos"][i]} for i in range(n)]
+
+    def _step_ragged(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        b, t, _ = x.shape
+        h, g, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split((h * hd, g * hd, g * hd), dim=-1)
+        q = q.view(b, t, h, hd).transpose(1, 2)
+        k = k.view(b, t, g, hd).transpose(1, 2)
+        v = v.view(b, t, g, hd).transpose(1, 2)
+        ys, ks, vs, poss = [], [], [], []
+        for i, pos in enumerate(state["pos"]):
+            qi, ki, vi = q[i:i + 1], k[i:i + 1], v[i:i + 1]
+            if self.config.rope:
+                positions = torch.arange(pos, pos + t, device=x.device)
+                qi = apply_rope(qi, positions, self.config.rope_theta)
+                ki = apply_rope(ki, positions, self.config.rope_theta)
+            kc = torch.cat((state["k"][i], ki), dim=2)
+            vc = torch.cat((state["v"][i], vi), dim=2)
+            ys.append(self._attend(qi, kc, vc, pos, pos + t - kc.shape[2]))
+            kc, vc = self._trim(kc, vc)
+            ks.append(kc)
+            vs.append(vc)
+            poss.append(pos + t)
+        return self.out(torch.cat(ys, dim=0)), {"k": ks, "v": vs, "pos": poss}
 
     def state_size(self, batch: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         """Bytes of the KV cache: ``2 * batch * G * min(seq_len, window) * hd * element_size``."""

@@ -215,7 +215,8 @@ def server_metrics(base_url: str) -> dict[str, float]:
     import httpx
 
     keep = ("hybridnas_requests_total", "hybridnas_generation_tokens_total", "hybridnas_prompt_tokens_total",
-            "hybridnas_state_cache_hits_total", "hybridnas_state_cache_misses_total")
+            "hybridnas_state_cache_hits_total", "hybridnas_state_cache_misses_total", "hybridnas_batch_size_count",
+            "hybridnas_batch_size_sum", "hybridnas_batch_size_bucket")
     out = {}
     for line in httpx.get(base_url + "/metrics", timeout=10).text.splitlines():
         if line.startswith(keep):
@@ -256,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k}: {v}")
     for k, v in metrics.items():
         print(f"server {k} = {v:g}")
+    if metrics.get("hybridnas_batch_size_count"):
+        print(f"decode forwards: {metrics['hybridnas_batch_size_count']:g}, mean batch "
+              f"{metrics['hybridnas_batch_size_sum'] / metrics['hybridnas_batch_size_count']:.2f}")
     for c in result.errors[:10]:
         print(f"error: client {c.client} turn {c.turn}: {c.error}")
     if args.json:

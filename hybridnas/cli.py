@@ -266,10 +266,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     for t in trials:
         settings += [k for k in t.params if k not in settings and k != "pattern"]
     score_cols = ["score"] if len(names) == 1 else [f"score_{n}" for n in names]
-    csv_header = ["number", "state", "pattern", "params", "state_bytes", *score_cols, "steps", *settings,
+    # text tasks report bits per byte (comparable across tokenizers): a column when any trial has it
+    bpb = ["bits_per_byte"] if any("bits_per_byte" in (t.user_attrs.get("metrics") or {}) for t in trials) else []
+    csv_header = ["number", "state", "pattern", "params", "state_bytes", *score_cols, *bpb, "steps", *settings,
                   "duration_s", "note"]
-    header = ["#", "state", "pattern", "params", "state_bytes", "score: " + "/".join(names), "steps", *settings,
-              "duration", "note"]
+    header = ["#", "state", "pattern", "params", "state_bytes", "score: " + "/".join(names), *bpb, "steps",
+              *settings, "duration", "note"]
     rows, raw_rows = [], []
     for t in trials:
         dur = t.duration.total_seconds() if t.duration is not None else None
@@ -284,13 +286,15 @@ def cmd_show(args: argparse.Namespace) -> int:
         if steps is None and t.state == optuna.trial.TrialState.PRUNED:
             steps = t.user_attrs.get("pruned_at_step", t.last_step)
         values = list(t.values) if t.values else [None] * len(score_cols)
+        bpb_v = [(t.user_attrs.get("metrics") or {}).get("bits_per_byte")] if bpb else []
         raw_rows.append([t.number, t.state.name, pattern, t.user_attrs.get("params"), t.user_attrs.get("state_bytes"),
-                         *values, steps, *[t.params.get(k) for k in settings],
+                         *values, *bpb_v, steps, *[t.params.get(k) for k in settings],
                          None if dur is None else round(dur, 3), note])
         rows.append([str(t.number), t.state.name, str(pattern),
                      f"{t.user_attrs['params']:,}" if "params" in t.user_attrs else "-",
                      f"{t.user_attrs['state_bytes']:,}" if "state_bytes" in t.user_attrs else "-",
-                     _fmt_values(t.values), "-" if steps is None else str(steps),
+                     _fmt_values(t.values), *["-" if v is None else f"{v:.3f}" for v in bpb_v],
+                     "-" if steps is None else str(steps),
                      *[_fmt_setting(t.params[k]) if k in t.params else "-" for k in settings],
                      f"{dur:.1f}s" if dur is not None else "-", note])
     if args.format == "csv":

@@ -65,3 +65,33 @@ def test_show_md_and_table(study_dir, monkeypatch, capsys):
     assert main(["show", "showfmt"]) == 0
     out = capsys.readouterr().out
     assert "steps" in out and "A.n_heads" in out and "best: trial" in out
+
+
+def test_show_has_a_bits_per_byte_column_for_text_trials(tmp_path, monkeypatch, capsys):
+    """A text-task study's trials carry bits per byte in their metrics: show prints it as a column (csv, md,
+    table); a study without it gets no such column."""
+    import optuna
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'bpb.db'}"
+    study = optuna.create_study(study_name="bpb", storage=url, direction="minimize")
+    for i, bpb in enumerate([1.75, 2.5]):
+        t = study.ask({"d_model": optuna.distributions.CategoricalDistribution([16, 32])})
+        t.set_user_attr("pattern", "MA")
+        t.set_user_attr("params", 1000 + i)
+        t.set_user_attr("metrics", {"steps": 4, "loss": bpb * 0.7, "bits_per_byte": bpb})
+        study.tell(t, bpb * 0.7)
+    assert main(["show", "bpb", "--storage", url, "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [float(r["bits_per_byte"]) for r in rows] == [1.75, 2.5]
+    assert main(["show", "bpb", "--storage", url, "--format", "md"]) == 0
+    md = capsys.readouterr().out.splitlines()
+    assert "| bits_per_byte |" in md[0] and "| 1.750 |" in md[2]
+    assert main(["show", "bpb", "--storage", url]) == 0
+    assert "bits_per_byte" in capsys.readouterr().out
+
+
+def test_show_has_no_bits_per_byte_column_without_text_trials(study_dir, monkeypatch, capsys):
+    monkeypatch.chdir(study_dir)
+    assert main(["show", "showfmt", "--format", "csv"]) == 0
+    assert "bits_per_byte" not in capsys.readouterr().out.splitlines()[0]

@@ -88,8 +88,12 @@ def test_ctrl_c_prints_only_the_clean_message(tmp_path):
     mark = tmp_path / "training"
     env = env_with(tmp_path)
     env["SLEEPY_MARK"] = str(mark)
+    # SIGINT at its default, as a terminal gives it: a test runner started in the background by a shell without job
+    # control (a CI script's `cmd &`) ignores SIGINT, the child would inherit that, and Python then installs no
+    # KeyboardInterrupt handler at all
     proc = subprocess.Popen([sys.executable, "-m", "hybridnas.cli", "search", space], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not mark.exists() and proc.poll() is None and time.time() < deadline:

@@ -21,12 +21,12 @@ from typing import Any
 import torch
 
 from layers.ops import dispatch
-from layers.ops.s4_kernel.chunked import s4d_fft, vandermonde
+from layers.ops.s4_kernel.chunked import s4d_fft, vandermonde, vandermonde_factors
 from layers.ops.s4_kernel.hippo import INITS, hippo_legs, legs_normal_part, s4d_init
 from layers.ops.s4_kernel.naive import discretize, s4d_naive
 
 __all__ = ["BACKENDS", "INITS", "discretize", "hippo_legs", "legs_normal_part", "s4d_conv", "s4d_fft",
-           "s4d_init", "s4d_naive", "vandermonde"]
+           "s4d_init", "s4d_naive", "vandermonde", "vandermonde_factors"]
 
 BACKENDS: dict[str, Any] = {"naive": s4d_naive, "chunked": s4d_fft}
 dispatch.register("s4_kernel", BACKENDS)

@@ -12,8 +12,11 @@ The Vandermonde phase ``l·Δ·Im A`` is large for S4D-Inv's fast modes (about 1
 and the fp32 product ``(Δ·A)·l`` carries the rounding of ``Δ·A`` times l: against a float64 reference the plain
 complex64 ``exp`` errs by 5-8e-5 (N = 64, Δ in 1e-3…0.1, up to 8192 lags). The phase is therefore formed and
 reduced mod 2π in float64 before the fp32 complex exponential: 2.6e-7.
-A single token (a decode step) takes the recurrence. Cost
-``O(H·M·T)`` for the kernel, ``O(B·H·T log T)`` for the convolution.
+The ``(H, M, T)`` Vandermonde matrix is never formed: with ``l = s·b + t`` (``b`` about sqrt(T)),
+``exp(l·ΔA) = P[t]·Q[s]``, and the kernel is one ``(T/b x M) @ (M x b)`` product per channel (the state sums
+contract over the two factors in turn). Only ``H·M·(b + T/b)`` exponentials are taken, each from a float64-reduced
+phase; the product of two complex64 factors adds about 1e-7. A single token (a decode step) takes the recurrence.
+Cost ``O(H·M·T)`` multiply-adds in matrix products for the kernel, ``O(B·H·T log T)`` for the convolution.
 """
 
 from __future__ import annotations
@@ -25,15 +28,37 @@ import torch
 from layers.ops.s4_kernel.naive import discretize, s4d_naive
 
 
-def vandermonde(dt: torch.Tensor, A: torch.Tensor, length: int) -> torch.Tensor:
-    """``exp(l·Δ_h·A_hm)`` for ``l < length``: ``(H, M, length)`` complex64, the phase reduced in float64."""
-    steps = torch.arange(length, dtype=torch.float64, device=dt.device)
+def _exp_lags(dt: torch.Tensor, A: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """``exp(l·Δ_h·A_hm)`` for the float64 lags ``steps``: ``(H, M, len(steps))`` complex64, phase reduced in
+    float64."""
     dtf = dt.to(torch.float32)
     log_mag = (dtf[:, None] * A.real.to(torch.float32))[..., None] * steps.float()
     phase = torch.remainder((dt.to(torch.float64)[:, None] * A.imag.to(torch.float64))[..., None] * steps,
                             2 * math.pi).float()
     mag = torch.exp(log_mag)
     return torch.complex(mag * torch.cos(phase), mag * torch.sin(phase))
+
+
+def vandermonde(dt: torch.Tensor, A: torch.Tensor, length: int) -> torch.Tensor:
+    """``exp(l·Δ_h·A_hm)`` for ``l < length``: ``(H, M, length)`` complex64, the phase reduced in float64."""
+    return _exp_lags(dt, A, torch.arange(length, dtype=torch.float64, device=dt.device))
+
+
+def lag_block(length: int) -> int:
+    """The factorisation's block: the power of two nearest above sqrt(length), so both factors are ~sqrt(T) long."""
+    return 1 << max(0, math.ceil(math.log2(max(length, 1)) / 2))
+
+
+def vandermonde_factors(dt: torch.Tensor, A: torch.Tensor, length: int,
+                        block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, Q)`` with ``exp(l·ΔA) = P[..., l % b] · Q[..., l // b]``: ``P (H, M, b)`` the lags below the block
+    ``b``, ``Q (H, M, ceil(T/b))`` the block starts. The kernel and the state sums contract over them one factor at a
+    time, never forming the ``(H, M, T)`` Vandermonde matrix."""
+    b = block or lag_block(length)
+    dev = dt.device
+    P = _exp_lags(dt, A, torch.arange(b, dtype=torch.float64, device=dev))
+    Q = _exp_lags(dt, A, torch.arange(-(-length // b), dtype=torch.float64, device=dev) * b)
+    return P, Q
 
 
 def s4d_fft(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, C: torch.Tensor,
@@ -48,17 +73,24 @@ def s4d_fft(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, C: torch.Tensor,
         x0 = state.to(torch.complex64) if state is not None else torch.zeros(bsz, h, A.shape[-1],
                                                                                dtype=torch.complex64, device=u.device)
         return u.new_zeros(bsz, 0, h), (x0 if want_state else None)
-    V = vandermonde(dt, A, t_len)  # (H, M, T)
-    K = 2 * torch.einsum("hm,hmt->ht", Cc * dB, V).real
+    P, Q = vandermonde_factors(dt, A, t_len)  # (H, M, b), (H, M, T2): exp(l·ΔA) = P[l % b]·Q[l // b]
+    b, t2 = P.shape[-1], Q.shape[-1]
+    # K_l = 2 Re Σ_m W_m P_m[l % b] Q_m[l // b]: one (T2 x M) @ (M x b) product per channel
+    W = (Cc * dB)[..., None] * Q  # (H, M, T2)
+    K = 2 * torch.bmm(W.transpose(1, 2), P).reshape(h, t2 * b)[:, :t_len].real
     n = 2 * t_len
     y = torch.fft.irfft(torch.fft.rfft(uf, n=n) * torch.fft.rfft(K, n=n), n=n)[..., :t_len]
     if state is not None:
         x0 = state.to(torch.complex64)
-        y = y + 2 * torch.einsum("bhm,hmt->bht", Cc * dA * x0, V).real
+        Z = (Cc * dA * x0)[..., None] * Q  # (B, H, M, T2)
+        y = y + 2 * torch.einsum("bhms,hmt->bhst", Z, P).reshape(bsz, h, t2 * b)[..., :t_len].real
     new_state = None
     if want_state:
-        # Σ_l dA^{T-1-l} u_l = Σ_j dA^j u_{T-1-j}
-        new_state = dB * torch.einsum("bht,hmt->bhm", uf.flip(-1).to(torch.complex64), V)
+        # Σ_l dA^{T-1-l} u_l = Σ_j dA^j u_{T-1-j}, j = s·b + t
+        flipped = torch.nn.functional.pad(uf.flip(-1), (0, t2 * b - t_len)).reshape(bsz, h, t2, b)
+        R = torch.einsum("bhst,hmt->bhsm", flipped.to(torch.complex64), P)
+        new_state = dB * torch.einsum("bhsm,hms->bhm", R, Q)
         if state is not None:
-            new_state = new_state + dA * V[..., -1] * x0
+            last = P[..., (t_len - 1) % b] * Q[..., (t_len - 1) // b]  # exp((T-1)·ΔA)
+            new_state = new_state + dA * last * x0
     return y.transpose(1, 2).to(u.dtype), new_state

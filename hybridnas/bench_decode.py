@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from hybridnas.generation import Decoder
+from hybridnas.generation import Decoder, state_nbytes
 from hybridnas.model import HybridLM
 from hybridnas.schema import ModelConfig
 
@@ -52,20 +52,6 @@ def layer_params(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
                                    "(e.g. M.d_state=16)")
         out.setdefault(sym, {})[name] = value
     return out
-
-
-def state_nbytes(states: Any) -> int:
-    """Bytes of every tensor in a model's decoding state (nested lists, tuples and dicts)."""
-    total, stack = 0, [states]
-    while stack:
-        obj = stack.pop()
-        if isinstance(obj, torch.Tensor):
-            total += obj.numel() * obj.element_size()
-        elif isinstance(obj, dict):
-            stack.extend(obj.values())
-        elif isinstance(obj, (list, tuple)):
-            stack.extend(obj)
-    return total
 
 
 def build(pattern: str, d_model: int, vocab_size: int, layers: dict[str, dict[str, Any]], seed: int) -> HybridLM:

@@ -462,6 +462,34 @@ def _check_search(search: SearchSettings, src: Source) -> None:
     errors.raise_if_any()
 
 
+def _parse_common(data: dict[str, Any], src: Source, name: Any, searchable: bool, trust_custom_code: Trust,
+                  errors: Collector) -> tuple[Any, ...]:
+    """The sections a space and an architecture file share (``name`` as read, symbols, task, model, train), each
+    checked even when an earlier one is wrong, its errors collected in ``errors``. Returns ``(name, symbols, task,
+    model, train, missing)``; ``missing`` holds the required parts absent (model, its pattern), reported last."""
+    with errors.guard():
+        name = check_value(name, Name, ("name",), src)
+    symbols: dict[str, str] = {}
+    try:
+        symbols = _register_symbols(data.get("symbols"), src, trust_custom_code)
+    except UntrustedCodeError:
+        raise  # nothing is imported, and the caller must be able to tell this refusal from a wrong file
+    except ConfigError as e:
+        errors.errors.append(e)
+    task = None
+    with errors.guard():
+        task = _parse_task(data.get("task", {"name": "mqar"}), src)
+    missing: list[ConfigError] = []
+    model: dict[str, Any] = {}
+    with errors.guard():
+        model = _parse_model_space(data.get("model"), src, _task_vocab(task) if task else 0, searchable, missing,
+                                   errors)
+    train: dict[str, Any] = {}
+    with errors.guard():
+        train = _parse_train_space(data.get("train"), src, searchable, errors)
+    return name, symbols, task, model, train, missing
+
+
 def load_space(path: str | None = None, *, text: str | None = None, file: str = "<space>",
                trust_custom_code: Trust = True) -> SearchSpace:
     """Read and fully validate a search-space YAML (from ``path`` or ``text``).
@@ -484,25 +512,7 @@ def load_space(path: str | None = None, *, text: str | None = None, file: str = 
     name = data.get("name")
     if name is None:
         name = src.file.rsplit("/", 1)[-1].rsplit(".", 1)[0] if src.file else "study"
-    with errors.guard():
-        name = check_value(name, Name, ("name",), src)
-    symbols: dict[str, str] = {}
-    try:
-        symbols = _register_symbols(data.get("symbols"), src, trust_custom_code)
-    except UntrustedCodeError:
-        raise  # nothing is imported, and the caller must be able to tell this refusal from a wrong file
-    except ConfigError as e:
-        errors.errors.append(e)
-    task = None
-    with errors.guard():
-        task = _parse_task(data.get("task", {"name": "mqar"}), src)
-    missing: list[ConfigError] = []
-    model: dict[str, Any] = {}
-    with errors.guard():
-        model = _parse_model_space(data.get("model"), src, _task_vocab(task) if task else 0, True, missing, errors)
-    train: dict[str, Any] = {}
-    with errors.guard():
-        train = _parse_train_space(data.get("train"), src, True, errors)
+    name, symbols, task, model, train, missing = _parse_common(data, src, name, True, trust_custom_code, errors)
     search = None
     with errors.guard():
         search = parse_dataclass(SearchSettings, data.get("search"), ("search",), src)
@@ -530,26 +540,8 @@ def load_arch(path: str | None = None, *, text: str | None = None, file: str = "
         data, src = load_text(text, file)
     errors = Collector()
     data = _top(data, src, _ARCH_KEYS, errors)
-    name = "arch"
-    with errors.guard():
-        name = check_value(data.get("name", "arch"), Name, ("name",), src)
-    symbols: dict[str, str] = {}
-    try:
-        symbols = _register_symbols(data.get("symbols"), src, trust_custom_code)
-    except UntrustedCodeError:
-        raise  # nothing is imported, and the caller must be able to tell this refusal from a wrong file
-    except ConfigError as e:
-        errors.errors.append(e)
-    task = None
-    with errors.guard():
-        task = _parse_task(data.get("task", {"name": "mqar"}), src)
-    missing: list[ConfigError] = []
-    model_d: dict[str, Any] = {}
-    with errors.guard():
-        model_d = _parse_model_space(data.get("model"), src, _task_vocab(task) if task else 0, False, missing, errors)
-    train_d: dict[str, Any] = {}
-    with errors.guard():
-        train_d = _parse_train_space(data.get("train"), src, False, errors)
+    name, symbols, task, model_d, train_d, missing = _parse_common(data, src, data.get("name", "arch"), False,
+                                                                   trust_custom_code, errors)
     errors.errors += missing
     errors.raise_if_any()
     return ArchConfig(ModelConfig(**model_d), task, TrainConfig(**train_d), symbols, name)

@@ -118,17 +118,21 @@ class Decoder:
                 return
 
     def nbytes(self) -> int:
-        total = 0
-        stack: list[Any] = [self.states, self.logits]
-        while stack:
-            obj = stack.pop()
-            if isinstance(obj, torch.Tensor):
-                total += obj.numel() * obj.element_size()
-            elif isinstance(obj, dict):
-                stack.extend(obj.values())
-            elif isinstance(obj, (list, tuple)):
-                stack.extend(obj)
-        return total
+        return state_nbytes([self.states, self.logits])
+
+
+def state_nbytes(states: Any) -> int:
+    """Bytes of every tensor in a model's decoding state (nested lists, tuples and dicts)."""
+    total, stack = 0, [states]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            total += obj.numel() * obj.element_size()
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+    return total
 
 
 def state_signature(states: Any) -> tuple | None:

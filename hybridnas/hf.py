@@ -37,6 +37,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from hybridnas import registry
 from hybridnas.checkpoint import ARCH_FILE, CONFIG_FILE, UntrustedCodeError
+from hybridnas.generation import state_nbytes
 from hybridnas.hf_config import HybridNASConfig, register_config
 from hybridnas.model import HybridLM, _layer_params
 from hybridnas.yamlio import load_file
@@ -54,13 +55,6 @@ def _map_tensors(obj: Any, fn) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_map_tensors(v, fn) for v in obj)
     return obj
-
-
-def state_nbytes(obj: Any) -> int:
-    """Bytes of every tensor in a (nested) decoding state."""
-    total = [0]
-    _map_tensors(obj, lambda t: total.__setitem__(0, total[0] + t.numel() * t.element_size()))
-    return total[0]
 
 
 class HybridNASCache(Cache):

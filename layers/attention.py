@@ -124,18 +124,25 @@ class Attention(Layer):
 
     # -- internals -------------------------------------------------------------------------------------------
 
-    def _project(self, x: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x (B, T, d)`` -> ``q (B, H, T, hd)``, ``k, v (B, G, T, hd)``; RoPE at positions ``pos ..``."""
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x (B, T, d)`` -> ``q (B, H, T, hd)``, ``k, v (B, G, T, hd)``, before RoPE."""
         b, t, _ = x.shape
         h, g, hd = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split((h * hd, g * hd, g * hd), dim=-1)
-        q = q.view(b, t, h, hd).transpose(1, 2)
-        k = k.view(b, t, g, hd).transpose(1, 2)
-        v = v.view(b, t, g, hd).transpose(1, 2)
-        if self.config.rope:
-            positions = torch.arange(pos, pos + t, device=x.device)
-            q = apply_rope(q, positions, self.config.rope_theta)
-            k = apply_rope(k, positions, self.config.rope_theta)
+        return (q.view(b, t, h, hd).transpose(1, 2), k.view(b, t, g, hd).transpose(1, 2),
+                v.view(b, t, g, hd).transpose(1, 2))
+
+    def _rope(self, q: torch.Tensor, k: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on ``q, k (.., T, hd)`` at positions ``pos ..`` (unchanged without ``rope``)."""
+        if not self.config.rope:
+            return q, k
+        positions = torch.arange(pos, pos + q.shape[-2], device=q.device)
+        return apply_rope(q, positions, self.config.rope_theta), apply_rope(k, positions, self.config.rope_theta)
+
+    def _project(self, x: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x (B, T, d)`` -> ``q (B, H, T, hd)``, ``k, v (B, G, T, hd)``; RoPE at positions ``pos ..``."""
+        q, k, v = self._heads(x)
+        q, k = self._rope(q, k, pos)
         return q, k, v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int) -> torch.Tensor:
@@ -209,19 +216,12 @@ class Attention(Layer):
         return [{"k": state["k"][i], "v": state["v"][i], "pos": state["pos"][i]} for i in range(n)]
 
     def _step_ragged(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
-        b, t, _ = x.shape
-        h, g, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split((h * hd, g * hd, g * hd), dim=-1)
-        q = q.view(b, t, h, hd).transpose(1, 2)
-        k = k.view(b, t, g, hd).transpose(1, 2)
-        v = v.view(b, t, g, hd).transpose(1, 2)
+        t = x.shape[1]
+        q, k, v = self._heads(x)
         ys, ks, vs, poss = [], [], [], []
         for i, pos in enumerate(state["pos"]):
-            qi, ki, vi = q[i:i + 1], k[i:i + 1], v[i:i + 1]
-            if self.config.rope:
-                positions = torch.arange(pos, pos + t, device=x.device)
-                qi = apply_rope(qi, positions, self.config.rope_theta)
-                ki = apply_rope(ki, positions, self.config.rope_theta)
+            qi, ki = self._rope(q[i:i + 1], k[i:i + 1], pos)
+            vi = v[i:i + 1]
             kc = torch.cat((state["k"][i], ki), dim=2)
             vc = torch.cat((state["v"][i], vi), dim=2)
             ys.append(self._attend(qi, kc, vc, pos, pos + t - kc.shape[2]))

@@ -185,16 +185,9 @@ class Mamba(Layer):
         require_at_least(c, 1, "mimo_rank")
         if c.chunk_size is not None and c.chunk_size < 1:
             raise LayerConfigError("chunk_size", f"chunk_size must be >= 1 or None, got {c.chunk_size}")
-        if not 0 < c.dt_min <= c.dt_max:
-            raise LayerConfigError("dt_min", f"need 0 < dt_min <= dt_max, got {c.dt_min}, {c.dt_max}")
-        require_at_least(c, 0, "dt_init_floor")
-        if c.backend not in (None, "auto", *dispatch.BACKENDS):
-            raise LayerConfigError("backend", f"backend must be auto, {', '.join(dispatch.BACKENDS)} or None, "
-                                              f"got {c.backend!r}")
+        cls._check_dt_and_backend(c)
         if c.variant == "mamba2":
-            if c.mimo_rank != 1:
-                raise LayerConfigError("mimo_rank", "mimo_rank > 1 (MIMO) exists only for variant 'mamba3'")
-            require_at_least(c, 1, "d_conv")
+            cls._check_siso_conv(c)
             if not 0 < c.a_init_min <= c.a_init_max:
                 raise LayerConfigError("a_init_min", f"need 0 < a_init_min <= a_init_max, got "
                                                      f"{c.a_init_min}, {c.a_init_max}")
@@ -209,21 +202,31 @@ class Mamba(Layer):
         require_at_least(c, 0, "a_floor")
 
     @staticmethod
-    def _check_mamba1(d_model: int, c: Config, d_inner: int) -> None:
-        """Mamba-1 has no heads: ``headdim`` is ignored, ``d_inner`` only needs to be positive."""
-        if d_inner < 1:
-            raise LayerConfigError("expand", f"d_inner = int(expand * d_model) = {d_inner} must be >= 1")
-        if c.mimo_rank != 1:
-            raise LayerConfigError("mimo_rank", "mimo_rank > 1 (MIMO) exists only for variant 'mamba3'")
-        require_at_least(c, 1, "d_conv")
-        if c.dt_rank is not None and c.dt_rank < 1:
-            raise LayerConfigError("dt_rank", f"dt_rank must be >= 1 or None (ceil(d_model / 16)), got {c.dt_rank}")
+    def _check_dt_and_backend(c: Config) -> None:
+        """What every variant checks alike: the Δ init range and floor, the backend."""
         if not 0 < c.dt_min <= c.dt_max:
             raise LayerConfigError("dt_min", f"need 0 < dt_min <= dt_max, got {c.dt_min}, {c.dt_max}")
         require_at_least(c, 0, "dt_init_floor")
         if c.backend not in (None, "auto", *dispatch.BACKENDS):
             raise LayerConfigError("backend", f"backend must be auto, {', '.join(dispatch.BACKENDS)} or None, "
                                               f"got {c.backend!r}")
+
+    @staticmethod
+    def _check_siso_conv(c: Config) -> None:
+        """Mamba-1 and Mamba-2: single input, single output, and a causal conv."""
+        if c.mimo_rank != 1:
+            raise LayerConfigError("mimo_rank", "mimo_rank > 1 (MIMO) exists only for variant 'mamba3'")
+        require_at_least(c, 1, "d_conv")
+
+    @classmethod
+    def _check_mamba1(cls, d_model: int, c: Config, d_inner: int) -> None:
+        """Mamba-1 has no heads: ``headdim`` is ignored, ``d_inner`` only needs to be positive."""
+        if d_inner < 1:
+            raise LayerConfigError("expand", f"d_inner = int(expand * d_model) = {d_inner} must be >= 1")
+        cls._check_siso_conv(c)
+        if c.dt_rank is not None and c.dt_rank < 1:
+            raise LayerConfigError("dt_rank", f"dt_rank must be >= 1 or None (ceil(d_model / 16)), got {c.dt_rank}")
+        cls._check_dt_and_backend(c)
 
     @classmethod
     def param_count(cls, d_model: int, config: Config) -> int:

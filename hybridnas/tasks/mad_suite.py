@@ -28,9 +28,6 @@ TRAIN_FIELDS = frozenset({
 })
 
 
-ALL_TASKS = list(MAD_TASKS)
-
-
 @dataclass
 class MadSuiteConfig(TaskConfig):
     """Which MAD runs make up one trial.

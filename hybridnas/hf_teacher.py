@@ -148,6 +148,9 @@ def load_hf_teacher(path: str | Path, *, trust_remote_code: bool = False) -> HFT
     if kind in LLAMA_FAMILY and not auto_map:
         try:
             hf_cfg = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        except Exception as e:  # transformers' own validation (strict dataclass checks) raises several types
+            raise TeacherError(f"{folder / CONFIG_FILE}: transformers refuses the config: {_first_line(e)}") from None
+        try:
             hybrid = convert_llama(hf_cfg, _state_dict(folder, transformers))
             return HFTeacher(hybrid, hybrid, hybrid.cfg.vocab_size, kind, _tokenizer(folder))
         except NotMapped as e:
@@ -163,16 +166,26 @@ def _load_transformers(folder: Path, transformers: Any, trust_remote_code: bool)
     try:
         hf = transformers.AutoModelForCausalLM.from_pretrained(
             folder, local_files_only=True, trust_remote_code=trust_remote_code, dtype=torch.float32)
-    except (ValueError, OSError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TeacherError(f"{folder}: transformers cannot load it as a causal LM: {first}") from None
+    except Exception as e:  # config validation, missing or corrupt weights, remote code that fails: one line each
+        raise TeacherError(f"{folder}: transformers cannot load it as a causal LM: {_first_line(e)}") from None
     return HFLogits(hf).eval()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _state_dict(folder: Path, transformers: Any) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors by name: model.safetensors (or its shards) read directly; other formats through
     transformers (no remote code: only native model types get here)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file as _load
+
+    def load_file(path: Path) -> dict[str, torch.Tensor]:
+        try:
+            return _load(path)
+        except Exception as e:  # safetensors raises its own error type for a corrupt header
+            raise TeacherError(f"{path}: cannot read safetensors: {_first_line(e)}") from None
 
     index = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"

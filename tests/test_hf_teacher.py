@@ -165,7 +165,7 @@ def test_remote_code_opt_in_is_passed_to_transformers(tmp_path, monkeypatch):
     folder, sentinel = _remote_code_folder(tmp_path)
     seen = {}
 
-    class Stop(Exception):
+    class Stop(BaseException):  # not an Exception: the loader's one-line error wrapping must not swallow it
         pass
 
     def fake(path, **kwargs):
@@ -194,6 +194,24 @@ def test_unknown_model_type_without_code_is_refused(tmp_path):
 def test_not_a_model_folder(tmp_path, setup, match):
     setup(tmp_path)
     with pytest.raises(TeacherError, match=match) as e:
+        load_hf_teacher(tmp_path)
+    assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_broken_weights_file_is_one_line(tmp_path):
+    _save(_reference(_llama()), tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(TeacherError, match="model.safetensors") as e:
+        load_hf_teacher(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_invalid_llama_config_is_one_line(tmp_path):
+    _save(_reference(_llama()), tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["num_attention_heads"] = 5  # 32 is not divisible by 5: transformers' own validation refuses it
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(TeacherError) as e:
         load_hf_teacher(tmp_path)
     assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
 

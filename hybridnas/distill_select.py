@@ -324,11 +324,12 @@ def _build(symbol: str, params: dict[str, Any], d_model: int, idx: int, n: int, 
 def _state_bytes(symbol: str, params: dict[str, Any], d_model: int, idx: int, n: int, batch: int, seq_len: int,
                  dtype: torch.dtype) -> int:
     """A layer's ``state_size``, built without memory on the meta device where the layer allows it."""
+    spec = registry.get(symbol)  # outside the meta context: a first use imports the layer's module
     try:
         with torch.device("meta"):
-            layer = registry.get(symbol).build(d_model, params, layer_idx=idx, n_layers=n)
+            layer = spec.build(d_model, params, layer_idx=idx, n_layers=n)
     except (RuntimeError, NotImplementedError, TypeError):  # a layer whose init needs real values
-        layer = registry.get(symbol).build(d_model, params, layer_idx=idx, n_layers=n)
+        layer = spec.build(d_model, params, layer_idx=idx, n_layers=n)
     return int(layer.state_size(batch, seq_len, dtype))
 
 

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hybridnas import registry
 from hybridnas.model import HybridLM
 from hybridnas.schema import ModelConfig
 
@@ -284,7 +285,8 @@ def convert_llama(cfg: Any, weights: dict[str, torch.Tensor]) -> HybridLM:
         if "lm_head.weight" not in weights:
             raise NotMapped("tensor lm_head.weight is missing and tie_word_embeddings is false")
         sd["lm_head.weight"] = weights["lm_head.weight"].float()
-    with torch.device("meta"):
+    registry.get("A"), registry.get("F")  # imported outside the meta context (module-level tensors stay real)
+    with torch.device("meta"):  # no random init of weights about to be replaced
         model = HybridLM(mcfg)
     try:
         model.load_state_dict(sd, strict=True, assign=True)

@@ -184,3 +184,16 @@ def test_decode_ms_costs_are_measured_and_shared_by_equal_layers():
     costs = layer_costs(TEACHER, POSITIONS, "M", STUDENT, "decode_ms", 64, repeats=3)
     assert len(costs) == len(POSITIONS) and all(math.isfinite(c) for c in costs)
     assert len(set(costs)) == 1  # the four attention layers are alike: measured once
+
+
+@pytest.mark.parametrize("student,params", [("M", {"variant": "mamba2"}), ("M", {}), ("S", {}), ("H", {}),
+                                            ("R", {"head_size": 16})])
+def test_state_bytes_of_every_mixer_student_match_the_built_models(student, params):
+    cfg = ModelConfig(vocab_size=32, d_model=32, pattern="AFAF", layers={"A": {"n_heads": 2}})
+    seq_len = 40
+    costs = layer_costs(cfg, [0, 2], student, params, "state_bytes", seq_len)
+    full = HybridLM(cfg).state_size(1, seq_len)
+    one = HybridLM(student_model_config(cfg, [2], student, params)).state_size(1, seq_len)
+    none = HybridLM(student_model_config(cfg, [], student, params)).state_size(1, seq_len)
+    assert costs[0] == full - one and costs[0] + costs[1] == full - none
+    assert base_cost(cfg, [0, 2], student, params, seq_len) == none

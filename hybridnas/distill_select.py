@@ -166,8 +166,9 @@ def _greedy(s: list[float], k: int | None, c: list[float] | None, budget: float 
 
 
 def _solve(s: np.ndarray, k: int | None, c: np.ndarray | None, rhs: float | None,
-           min_utility: float | None = None) -> np.ndarray | None:
-    """One HiGHS run: maximise ``s.x`` (or, with ``min_utility``, minimise the count subject to ``s.x >= it``)."""
+           min_utility: float | None = None) -> tuple[np.ndarray, float] | None:
+    """One HiGHS run: maximise ``s.x`` (or, with ``min_utility``, minimise the count subject to ``s.x >= it``);
+    the solution and the objective the solver reports for it (None when it finds none)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     n = len(s)
@@ -184,7 +185,7 @@ def _solve(s: np.ndarray, k: int | None, c: np.ndarray | None, rhs: float | None
                options={"mip_rel_gap": 0.0})
     if res.status != 0 or res.x is None:
         return None
-    return res.x
+    return res.x, float(res.fun)
 
 
 def _verify(x: np.ndarray, s: list[float], k: int | None, c: list[float] | None, budget: float | None,
@@ -211,10 +212,11 @@ def _milp(s: list[float], k: int | None, c: list[float] | None, budget: float | 
     c_arr = np.asarray(c) if c is not None else None
     rhs = None if budget is None else budget + tol
     for _ in range(4):  # a budget overrun within HiGHS's feasibility tolerance: re-solve under a tighter budget
-        x = _solve(s_arr, k, c_arr, rhs)
-        if x is None:
+        solved = _solve(s_arr, k, c_arr, rhs)
+        if solved is None:
             raise RuntimeError(f"the MILP solver found no solution although the k={k} cheapest layers fit "
                                f"budget {budget}")
+        x, fun = solved
         chosen, over = _verify(x, s, k, c, budget, tol)
         if over == 0.0:
             break
@@ -222,15 +224,15 @@ def _milp(s: list[float], k: int | None, c: list[float] | None, budget: float | 
     else:
         raise RuntimeError(f"the MILP solution exceeds budget {budget} by {over} after re-solving")
     utility = sum(s[i] for i in chosen)
-    objective = float(s_arr @ np.round(x)) * scale
+    objective = -fun * scale  # what the solver claims; the chosen layers' utility re-summed must agree
     if not math.isclose(utility, objective, rel_tol=1e-6, abs_tol=1e-6 * scale):
         raise RuntimeError(f"the MILP objective {objective} does not match the chosen layers' utility {utility}")
     if k is None and budget is not None:
         # among the choices of the best utility, the fewest layers (a layer adding nothing is not kept)
         floor = utility / scale - _REL_TOL * max(1.0, float(np.abs(s_arr).sum()))
-        x2 = _solve(s_arr, None, c_arr, rhs, min_utility=floor)
-        if x2 is not None:
-            fewer, over2 = _verify(x2, s, None, c, budget, tol)
+        solved = _solve(s_arr, None, c_arr, rhs, min_utility=floor)
+        if solved is not None:
+            fewer, over2 = _verify(solved[0], s, None, c, budget, tol)
             u2 = sum(s[i] for i in fewer)
             if over2 == 0.0 and len(fewer) <= len(chosen) and u2 >= utility - 1e-6 * scale:
                 chosen = fewer

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 
 from hybridnas import patterns
@@ -197,3 +198,17 @@ def test_state_bytes_of_every_mixer_student_match_the_built_models(student, para
     none = HybridLM(student_model_config(cfg, [], student, params)).state_size(1, seq_len)
     assert costs[0] == full - one and costs[0] + costs[1] == full - none
     assert base_cost(cfg, [0, 2], student, params, seq_len) == none
+
+
+@pytest.mark.parametrize("answer,match", [
+    (lambda n: (np.ones(n), -2.0), "not k=1"),                      # wrong count
+    (lambda n: (np.array([0.5, 0.5, 0.0]), -1.0), "non-binary"),   # fractional
+    (lambda n: (np.array([1.0, 0.0, 0.0]), -1.0), "exceeds budget"),  # over the budget, every re-solve
+    (lambda n: (np.array([0.0, 1.0, 0.0]), -5.0), "objective"),     # claims more utility than the layer has
+])
+def test_trust_but_verify_catches_a_wrong_solver_answer(monkeypatch, answer, match):
+    import hybridnas.distill_select as ds
+
+    monkeypatch.setattr(ds, "_solve", lambda s, k, c, rhs, min_utility=None: answer(len(s)))
+    with pytest.raises(RuntimeError, match=match):
+        select_layers([3.0, 2.0, 1.0], 1, [5.0, 1.0, 1.0], 2.0)

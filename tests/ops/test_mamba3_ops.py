@@ -202,6 +202,25 @@ def test_intra_forms_and_slicing_match_naive_with_grads(monkeypatch, form, decay
     assert set(seen) == expected
 
 
+@pytest.mark.parametrize("r", [1, 2])
+def test_compiles_as_one_graph_and_stays_exact_under_strong_decay(r):
+    """Under ``torch.compile`` the scan decides nothing on the host (``fullgraph=True`` raises on a graph break;
+    the span test ``bool(span.max() <= FACTOR_RANGE)`` was one) and takes the form exact for any span: strong
+    decay over 64-token chunks still equals the oracle, with every gradient. ``aot_eager`` traces forward and
+    backward as inductor would, without its C++ build (tests/layers/test_compile_layers.py runs inductor)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(mamba3_chunked, backend="aot_eager", fullgraph=True)
+    pairing = "interleaved" if r == 1 else "half"
+    inp = inputs(70, r, 2, seed=5, decay=40.0)
+    ref_y, ref_s = call(mamba3_naive, inp, pairing)
+    ref_grads = torch.autograd.grad(loss_of(ref_y, ref_s), list(leaves(inp).values()))
+    y, s = call(compiled, inp, pairing, chunk=64)
+    grads = torch.autograd.grad(loss_of(y, s), list(leaves(inp).values()))
+    assert torch.isfinite(y).all() and rel(y, ref_y) <= TOL
+    for name, g, rg in zip(leaves(inp), grads, ref_grads):
+        assert rel(g, rg) <= TOL, f"grad {name}: {rel(g, rg):.2e}"
+
+
 def test_odd_state_dim_rotates_with_the_unpaired_dim_kept():
     """An odd N (interleaved only) keeps the real-valued rotation; chunked still equals the oracle."""
     inp = inputs(21, 1, 2, seed=9)

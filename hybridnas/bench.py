@@ -186,7 +186,7 @@ def gemm_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeat
     return 2 * size ** 3 / best / 1e9
 
 
-def _count_flops(module: nn.Module, x: torch.Tensor, modes: tuple[str, ...],
+def count_flops(module: nn.Module, x: torch.Tensor, modes: tuple[str, ...],
                  backend: str | None) -> tuple[int | None, int | None]:
     """FLOPs of one ``fwd`` (no_grad) and one ``fwd+bwd`` as :func:`_measure` runs them (FlopCounterMode)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -299,7 +299,7 @@ def run_bench(mixer: str, params: dict[str, Any], backends: list[str], seq_lens:
                 row.fwd_s, row.fwd_bwd_s = _measure(module, x, modes, max(warmup, 1) if compiled else warmup,
                                                     repeat, forced, budget)
                 if backend not in counted:
-                    counted[backend] = _count_flops(module, x, modes, forced)
+                    counted[backend] = count_flops(module, x, modes, forced)
                 row.fwd_flops, row.fwd_bwd_flops = counted[backend]
             except Exception as e:  # one failing backend must not hide the others
                 row.error = f"{type(e).__name__}: {e}"

@@ -16,7 +16,8 @@ parameters. Ratios are speed-ups against the first backend listed (``t_first / t
 
 FLOPs: each row's work is counted once by ``torch.utils.flop_counter.FlopCounterMode`` on the eager layer with
 the row's backend (``fwd`` under ``no_grad``; ``fwd+bwd`` as timed; a ``+compile`` row counts its eager twin's):
-the matmul-type ops it knows (mm, bmm, addmm, baddbmm, convolution, attention), not element-wise work or FFTs.
+the matmul-type ops it knows (mm, bmm, addmm, baddbmm, convolution, attention), not element-wise work or FFTs;
+a convolution's backward as one forward convolution per gradient (torch's formula ignores ``groups`` there).
 Beside the times each row prints the achieved GFLOP/s (counted FLOPs / time) and ``time / floor``, where the
 floor is those FLOPs at this machine's GEMM peak, measured in the same run right before the rows (the best of a
 few ``peak_size``-square matmuls in the bench's dtype; printed in the header). ``time / floor`` = 1 would be a
@@ -186,6 +187,16 @@ def gemm_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeat
     return 2 * size ** 3 / best / 1e9
 
 
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """``convolution_backward``: each gradient asked for (input, weight) costs one forward convolution. torch's own
+    formula leaves ``groups`` out of the weight gradient, counting a depthwise conv's as a dense one."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    fwd = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed=transposed)
+    return fwd * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
 def count_flops(module: nn.Module, x: torch.Tensor, modes: tuple[str, ...],
                  backend: str | None) -> tuple[int | None, int | None]:
     """FLOPs of one ``fwd`` (no_grad) and one ``fwd+bwd`` as :func:`_measure` runs them (FlopCounterMode)."""
@@ -200,7 +211,8 @@ def count_flops(module: nn.Module, x: torch.Tensor, modes: tuple[str, ...],
             if mode not in modes:
                 out.append(None)
                 continue
-            with FlopCounterMode(display=False) as counter:
+            with FlopCounterMode(display=False,
+                                 custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops}) as counter:
                 if mode == "fwd":
                     with torch.no_grad():
                         module(x)

@@ -14,6 +14,15 @@ Timing: ``warmup`` untimed runs, then the median of ``repeat`` timed runs. ``fwd
 ``fwd+bwd`` runs the forward with autograd and backpropagates a fixed random output gradient into the
 parameters. Ratios are speed-ups against the first backend listed (``t_first / t``).
 
+FLOPs: each row's work is counted once by ``torch.utils.flop_counter.FlopCounterMode`` on the eager layer with
+the row's backend (``fwd`` under ``no_grad``; ``fwd+bwd`` as timed; a ``+compile`` row counts its eager twin's):
+the matmul-type ops it knows (mm, bmm, addmm, baddbmm, convolution, attention), not element-wise work or FFTs;
+a convolution's backward as one forward convolution per gradient (torch's formula ignores ``groups`` there).
+Beside the times each row prints the achieved GFLOP/s (counted FLOPs / time) and ``time / floor``, where the
+floor is those FLOPs at this machine's GEMM peak, measured in the same run right before the rows (the best of a
+few ``peak_size``-square matmuls in the bench's dtype; printed in the header). ``time / floor`` = 1 would be a
+layer that is nothing but matmuls at peak speed.
+
 ``compile`` (``--compile``) adds, under each backend's row, the same layer through ``torch.compile`` (inductor by
 default, ``--compile-backend``) as ``<backend>+compile``: eager and compiled side by side. The compile happens
 in the warm-up (at least one untimed run per mode), so the times are those of compiled steps.
@@ -113,6 +122,12 @@ class Row:
     fwd_bwd_speedup: float | None = None
     error: str | None = None
     compiled: bool = False
+    fwd_flops: int | None = None  # counted by FlopCounterMode (matmul-type ops)
+    fwd_bwd_flops: int | None = None
+    fwd_gflops: float | None = None  # achieved: counted FLOPs / time
+    fwd_bwd_gflops: float | None = None
+    fwd_over_floor: float | None = None  # time / (counted FLOPs at the measured GEMM peak)
+    fwd_bwd_over_floor: float | None = None
 
 
 @dataclass
@@ -126,6 +141,8 @@ class BenchResult:
     threads: int
     budget: float | None = None
     compile_backend: str | None = None  # torch.compile backend of the +compile rows; None: no such rows
+    peak_gflops: float | None = None  # GEMM peak measured before the rows
+    peak_size: int | None = None  # of its square matmuls
     torch: str = torch.__version__
     machine: str = field(default_factory=lambda: f"{platform.machine()}, {os.cpu_count()} cpus")
     rows: list[Row] = field(default_factory=list)
@@ -153,6 +170,58 @@ def _time(fn: Callable[[], None], warmup: int, repeat: int, budget: float | None
         if budget is not None and sum(times) > budget:
             break
     return statistics.median(times)
+
+
+def gemm_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeat: int = 3) -> float:
+    """GFLOP/s of the fastest of ``repeat`` ``size x size`` matmuls (after one untimed): this machine's GEMM peak
+    as the bench sees it, measured in the same run as the rows (a shared or throttled machine lowers both)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=g).to(device, dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    for i in range(repeat + 1):
+        sync()
+        t = _once(lambda: (torch.mm(a, b), sync()))
+        if i:
+            best = min(best, t)
+    return 2 * size ** 3 / best / 1e9
+
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """``convolution_backward``: each gradient asked for (input, weight) costs one forward convolution. torch's own
+    formula leaves ``groups`` out of the weight gradient, counting a depthwise conv's as a dense one."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    fwd = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed=transposed)
+    return fwd * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def count_flops(module: nn.Module, x: torch.Tensor, modes: tuple[str, ...],
+                 backend: str | None) -> tuple[int | None, int | None]:
+    """FLOPs of one ``fwd`` (no_grad) and one ``fwd+bwd`` as :func:`_measure` runs them (FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from layers.ops import dispatch
+
+    grad = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+    out: list[int | None] = []
+    with dispatch.force(backend):
+        for mode in MODES:
+            if mode not in modes:
+                out.append(None)
+                continue
+            with FlopCounterMode(display=False,
+                                 custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops}) as counter:
+                if mode == "fwd":
+                    with torch.no_grad():
+                        module(x)
+                else:
+                    module.zero_grad(set_to_none=True)
+                    module(x).backward(grad)
+            out.append(int(counter.get_total_flops()))
+    module.zero_grad(set_to_none=True)
+    return out[0], out[1]
 
 
 def _measure(module: nn.Module, x: torch.Tensor, modes: tuple[str, ...], warmup: int, repeat: int,
@@ -183,11 +252,12 @@ def run_bench(mixer: str, params: dict[str, Any], backends: list[str], seq_lens:
               d_model: int = 128, repeat: int = 3, warmup: int = 1, modes: tuple[str, ...] = MODES,
               budget: float | None = None, seed: int = 0, log: Callable[[str], None] | None = None,
               device: str = "cpu", dtype: str = "float32", compile: bool = False,
-              compile_backend: str = "inductor") -> BenchResult:
+              compile_backend: str = "inductor", peak_size: int = 2048) -> BenchResult:
     """Time ``mixer`` (a registry symbol) with ``params`` over ``backends`` x ``seq_lens``; ``budget`` caps the
     timed seconds per cell (see :func:`_time`); ``device`` and ``dtype`` place the modules and the input.
     ``compile``: each backend (not the peers) also runs through ``torch.compile(layer, backend=compile_backend)``
-    in a ``<backend>+compile`` row below its eager one."""
+    in a ``<backend>+compile`` row below its eager one. ``peak_size``: the square matmul timed for the GEMM peak
+    (see the module docstring: FLOPs, GFLOP/s and time / floor per row)."""
     from hybridnas import registry
     from layers.ops import dispatch
 
@@ -209,6 +279,12 @@ def run_bench(mixer: str, params: dict[str, Any], backends: list[str], seq_lens:
     spec.make_config(params)  # unknown keys fail before any timing
     result = BenchResult(mixer, dict(params), batch, d_model, repeat, warmup, torch.get_num_threads(), budget,
                          compile_backend if compile else None)
+    if peak_size < 1:
+        raise BenchError(f"peak size must be at least 1, got {peak_size}")
+    result.peak_size = peak_size
+    result.peak_gflops = gemm_peak(dev, dt, peak_size)
+    if log is not None:
+        log(f"GEMM peak {result.peak_gflops:.1f} GFLOP/s ({peak_size}x{peak_size} {dtype} matmul)")
     runs = [(b, False) for b in backends]
     if compile:
         runs = [r for b in backends for r in ([(b, False), (b, True)] if b not in PEERS else [(b, False)])]
@@ -216,6 +292,7 @@ def run_bench(mixer: str, params: dict[str, Any], backends: list[str], seq_lens:
         x = torch.randn(batch, seq_len, d_model, generator=torch.Generator().manual_seed(seed)).to(dev, dt)
         layer = None
         first: Row | None = None
+        counted: dict[str, tuple[int | None, int | None]] = {}  # backend -> its eager FLOPs (compiled rows reuse)
         for backend, compiled in runs:
             row = Row(seq_len, f"{backend}+compile" if compiled else backend, compiled=compiled)
             try:
@@ -233,6 +310,9 @@ def run_bench(mixer: str, params: dict[str, Any], backends: list[str], seq_lens:
                     module = torch.compile(layer, backend=compile_backend)
                 row.fwd_s, row.fwd_bwd_s = _measure(module, x, modes, max(warmup, 1) if compiled else warmup,
                                                     repeat, forced, budget)
+                if backend not in counted:
+                    counted[backend] = count_flops(module, x, modes, forced)
+                row.fwd_flops, row.fwd_bwd_flops = counted[backend]
             except Exception as e:  # one failing backend must not hide the others
                 row.error = f"{type(e).__name__}: {e}"
             if first is None:
@@ -241,10 +321,20 @@ def run_bench(mixer: str, params: dict[str, Any], backends: list[str], seq_lens:
                 mine, ref = getattr(row, attr), getattr(first, attr)
                 if mine and ref:
                     setattr(row, out, ref / mine)
+            _flop_rates(row, result.peak_gflops)
             result.rows.append(row)
             if log is not None:
                 log(format_row(row))
     return result
+
+
+def _flop_rates(row: Row, peak_gflops: float) -> None:
+    """Fill a row's achieved GFLOP/s and time / floor from its times and counted FLOPs."""
+    for mode in ("fwd", "fwd_bwd"):
+        t, flops = getattr(row, f"{mode}_s"), getattr(row, f"{mode}_flops")
+        if t and flops:
+            setattr(row, f"{mode}_gflops", flops / t / 1e9)
+            setattr(row, f"{mode}_over_floor", t / (flops / (peak_gflops * 1e9)))
 
 
 def _fmt_t(t: float | None) -> str:
@@ -257,8 +347,14 @@ def _fmt_r(r: float | None) -> str:
     return "-" if r is None else f"{r:.2f}x" if r < 10 else f"{r:.0f}x"
 
 
+def _fmt_g(g: float | None) -> str:
+    return "-" if g is None else f"{g:.1f}" if g < 100 else f"{g:.0f}"
+
+
 def format_row(row: Row) -> str:
     return (f"L={row.seq_len} {row.backend}: fwd {_fmt_t(row.fwd_s)}, fwd+bwd {_fmt_t(row.fwd_bwd_s)}"
+            + (f", fwd+bwd {_fmt_g(row.fwd_bwd_gflops)} GFLOP/s = {_fmt_r(row.fwd_bwd_over_floor)} the floor"
+               if row.fwd_bwd_over_floor else "")
             + (f" ({row.error})" if row.error else ""))
 
 
@@ -271,10 +367,15 @@ def format_table(result: BenchResult) -> str:
              + (f" (at most {result.budget:g} s per cell)" if result.budget else "")
              + f", {result.threads} threads, "
              f"torch {result.torch}"
-             + (f"; +compile rows: torch.compile({result.compile_backend})" if result.compile_backend else "")]
-    header = ["seq_len", "backend", "fwd", "fwd+bwd", f"fwd speed-up vs {first}", f"fwd+bwd speed-up vs {first}"]
+             + (f"; +compile rows: torch.compile({result.compile_backend})" if result.compile_backend else "")
+             + (f"; GEMM peak {result.peak_gflops:.1f} GFLOP/s ({result.peak_size}x{result.peak_size} matmul, "
+                f"timed before the rows); floor = counted matmul FLOPs at that peak"
+                if result.peak_gflops else "")]
+    header = ["seq_len", "backend", "fwd", "fwd+bwd", f"fwd speed-up vs {first}", f"fwd+bwd speed-up vs {first}",
+              "fwd GFLOP/s", "fwd+bwd GFLOP/s", "fwd / floor", "fwd+bwd / floor"]
     body = [[str(r.seq_len), r.backend, _fmt_t(r.fwd_s), _fmt_t(r.fwd_bwd_s), _fmt_r(r.fwd_speedup),
-             _fmt_r(r.fwd_bwd_speedup) + (f"  error: {r.error}" if r.error else "")] for r in result.rows]
+             _fmt_r(r.fwd_bwd_speedup), _fmt_g(r.fwd_gflops), _fmt_g(r.fwd_bwd_gflops), _fmt_r(r.fwd_over_floor),
+             _fmt_r(r.fwd_bwd_over_floor) + (f"  error: {r.error}" if r.error else "")] for r in result.rows]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header) - 1)]
     for r in [header, *body]:
         lines.append("  ".join([c.ljust(w) for c, w in zip(r[:-1], widths)] + [r[-1]]).rstrip())
@@ -333,7 +434,8 @@ def main(args: Any) -> int:
                            repeat=args.repeat, warmup=args.warmup, modes=modes, budget=args.budget, log=log,
                            device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", "float32"),
                            compile=getattr(args, "compile", False),
-                           compile_backend=getattr(args, "compile_backend", "inductor"))
+                           compile_backend=getattr(args, "compile_backend", "inductor"),
+                           peak_size=getattr(args, "peak_size", 2048))
     except (BenchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

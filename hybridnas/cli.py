@@ -1047,6 +1047,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compile", action="store_true",
                    help="also time each backend through torch.compile (rows <backend>+compile, compiled in warm-up)")
     s.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile (inductor)")
+    s.add_argument("--peak-size", type=int, default=2048,
+                   help="the square matmul timed for the GEMM peak behind each row's time / floor (2048)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("sweep", help="train every architecture of a finite space over an lr ladder, seeds and "

@@ -66,8 +66,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def wants_compile(setting: str | bool, device: torch.device) -> bool:
-    """``train.compile``: true or false as given; ``auto`` compiles on CUDA only (on CPU the quickstart model
-    trained no faster compiled, see README "Compile", and each trial would pay the compile time)."""
+    """``train.compile``: true or false as given; ``auto`` compiles where that is measured or known to pay within
+    the run: on CUDA only. On CPU the quickstart model's step is faster compiled (no graph break since issue 15),
+    but its ~50 s compile is repaid only after hundreds of steps, more than a search trial trains (README
+    "Compile", ``experiments/compile/``), so ``auto`` never makes a CPU run slower than eager."""
     if setting == "auto":
         return device.type == "cuda"
     return bool(setting)

@@ -178,6 +178,7 @@ class RWKV7(Layer):
             o = o[:, None].to(x.dtype)
         else:
             o, state = rwkv7(r4, w4, k4, v4, -kk, kk * a4, state, chunk_size=self.config.chunk_size,
+                             decay_bound=_LOG_DECAY_SCALE,
                              backend=self.config.backend)
         o = self.ln_x(o.reshape(b * t, d).float()).view(b, t, d).to(x.dtype)
         bonus = ((r4 * k4 * self.r_k).sum(dim=-1, keepdim=True) * v4).reshape(b, t, d)

@@ -13,6 +13,13 @@ from hybridnas.cli import main
 TINY = {"d_state": 8, "headdim": 16, "chunk_size": 4}
 
 
+@pytest.fixture(autouse=True)
+def small_gemm_peak(monkeypatch):
+    """The GEMM peak of every run here from a 64x64 matmul (2048x2048 by default: a second per run on 2 cores)."""
+    real = bench.gemm_peak
+    monkeypatch.setattr(bench, "gemm_peak", lambda device, dtype, size=2048, repeat=3: real(device, dtype, 64))
+
+
 def test_parse_params_types():
     got = bench.parse_params("variant=mamba3, mimo_rank=2,expand=1.5,backend=null,rope=true")
     assert got == {"variant": "mamba3", "mimo_rank": 2, "expand": 1.5, "backend": None, "rope": True}
@@ -106,7 +113,8 @@ def test_mamba3_ssm_peer_and_its_projection_floor(monkeypatch):
                           d_model=32, repeat=1, warmup=0, modes=("fwd+bwd",))
     assert [r.error for r in res.rows] == [None, None]
     assert built == [(8, 16, True, 2)] * 2
-    assert called.count("full") == 1 and called.count("in_proj") == 2  # the floor never runs the layer's forward
+    # one timed and one FLOP-counted fwd+bwd per peer; the floor never runs the layer's forward
+    assert called.count("full") == 2 and called.count("in_proj") == 4
     assert res.rows[1].fwd_bwd_speedup > 0
     res = bench.run_bench("M", {"variant": "mamba2", "d_state": 8, "headdim": 16}, ["mamba3-ssm-proj"], [4],
                           batch=1, d_model=32, repeat=1, warmup=0)
@@ -128,3 +136,57 @@ def test_bench_compile_prints_eager_and_compiled_rows(capsys):
     assert main(argv[:-3] + ["--json"]) == 0  # without --compile: no compiled rows
     res = json.loads(capsys.readouterr().out)
     assert [r["backend"] for r in res["rows"]] == ["chunked", "auto"] and res["compile_backend"] is None
+
+
+def test_flops_of_a_known_layer_equal_the_formula():
+    """``F`` (SwiGLU): three matmuls of ``2·B·T·d·ff`` FLOPs forward; backward (the input needs no gradient) adds
+    the three weight gradients and the input gradient of ``w2``: seven in all."""
+    from layers.ffn import ffn_hidden
+
+    b, t, d = 2, 6, 32
+    res = bench.run_bench("F", {}, ["auto"], [t], batch=b, d_model=d, repeat=1, warmup=0, peak_size=64)
+    row = res.rows[0]
+    unit = 2 * b * t * d * ffn_hidden(d, 4, 8)
+    assert row.error is None and (row.fwd_flops, row.fwd_bwd_flops) == (3 * unit, 7 * unit)
+
+
+def test_rows_print_achieved_gflops_and_time_over_the_matmul_floor(capsys):
+    """Every row carries its counted FLOPs, the achieved GFLOP/s and time / floor, where the floor is the counted
+    matmul FLOPs at the GEMM peak measured in the same run (printed in the header)."""
+    res = bench.run_bench("M", TINY, ["naive", "chunked"], [8], batch=1, d_model=32, repeat=1, warmup=0,
+                          peak_size=64)
+    assert res.peak_gflops > 0 and res.peak_size == 64
+    for r in res.rows:
+        assert r.fwd_flops > 0 and r.fwd_bwd_flops > r.fwd_flops
+        assert r.fwd_gflops == pytest.approx(r.fwd_flops / r.fwd_s / 1e9)
+        assert r.fwd_bwd_over_floor == pytest.approx(r.fwd_bwd_s / (r.fwd_bwd_flops / (res.peak_gflops * 1e9)))
+    table = bench.format_table(res)
+    head = table.splitlines()[0]
+    assert f"GEMM peak {res.peak_gflops:.1f} GFLOP/s" in head and "64x64" in head
+    cols = table.splitlines()[1]
+    for name in ("fwd GFLOP/s", "fwd+bwd GFLOP/s", "fwd / floor", "fwd+bwd / floor", "fwd+bwd speed-up vs naive"):
+        assert name in cols
+    row = table.splitlines()[3].split()
+    assert row[1] == "chunked" and row[-1].endswith("x"), table
+    argv = ["bench", "--mixer", "F", "--backends", "auto", "--seq-lens", "4", "--batch", "1", "--d-model", "16",
+            "--repeat", "1", "--warmup", "0", "--peak-size", "32"]
+    assert main([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["peak_gflops"] > 0 and data["rows"][0]["fwd_bwd_flops"] > 0
+
+
+def test_depthwise_conv_backward_counts_its_groups():
+    """torch's FlopCounterMode formula for ``convolution_backward`` ignores ``groups``: a depthwise conv's weight
+    gradient counted as a dense one (Mamba-2's conv: 6.7 GFLOP backward for 0.02 forward at batch 8, length 1024).
+    The bench counts each gradient of a convolution as one forward convolution."""
+    import torch
+    from torch import nn
+
+    b, c, t, k = 2, 48, 20, 3
+    conv = nn.Conv1d(c, c, k, groups=c, padding=1, bias=False)
+    x = torch.randn(b, c, t)
+    fwd, fwd_bwd = bench.count_flops(conv, x, bench.MODES, None)
+    assert fwd == 2 * b * c * t * k
+    assert fwd_bwd == 2 * fwd  # the input needs no gradient: forward + weight gradient
+    fwd, fwd_bwd = bench.count_flops(conv, x.requires_grad_(True), bench.MODES, None)
+    assert fwd_bwd == 3 * fwd

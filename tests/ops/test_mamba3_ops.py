@@ -11,6 +11,7 @@ from layers.ops import dispatch
 from layers.ops.common import scalar_decay_chunked as scan_core
 from layers.ops.mamba2.naive import ssd_naive
 from layers.ops.mamba3 import mamba3, mamba3_chunked, mamba3_naive, rotate
+from layers.ops.mamba3.chunked import rotate_pairs
 
 TOL = 1e-4
 B, H, P, N = 2, 2, 4, 8
@@ -200,6 +201,59 @@ def test_intra_forms_and_slicing_match_naive_with_grads(monkeypatch, form, decay
     assert len(seen) == 2 * B * H * 5  # forward and backward, one slice per chunk (5 chunks of 16 for 70)
     expected = {"segsum": {False}, "auto": {True, False} if decay > 10 else {True}}[form]
     assert set(seen) == expected
+
+
+@pytest.mark.parametrize("r", [1, 2])
+def test_compiles_as_one_graph_and_stays_exact_under_strong_decay(r):
+    """Under ``torch.compile`` the scan decides nothing on the host (``fullgraph=True`` raises on a graph break;
+    the span test ``bool(span.max() <= FACTOR_RANGE)`` was one) and takes the form exact for any span: strong
+    decay over 64-token chunks still equals the oracle, with every gradient. ``aot_eager`` traces forward and
+    backward as inductor would, without its C++ build (tests/layers/test_compile_layers.py runs inductor)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(mamba3_chunked, backend="aot_eager", fullgraph=True)
+    pairing = "interleaved" if r == 1 else "half"
+    inp = inputs(70, r, 2, seed=5, decay=40.0)
+    ref_y, ref_s = call(mamba3_naive, inp, pairing)
+    ref_grads = torch.autograd.grad(loss_of(ref_y, ref_s), list(leaves(inp).values()))
+    y, s = call(compiled, inp, pairing, chunk=64)
+    grads = torch.autograd.grad(loss_of(y, s), list(leaves(inp).values()))
+    assert torch.isfinite(y).all() and rel(y, ref_y) <= TOL
+    for name, g, rg in zip(leaves(inp), grads, ref_grads):
+        assert rel(g, rg) <= TOL, f"grad {name}: {rel(g, rg):.2e}"
+
+
+def test_real_pair_rotation_equals_the_complex_multiply():
+    """``rotate_pairs`` (real pairs: ``x1 cos - x2 sin, x1 sin + x2 cos``) gives the complex multiply's values and
+    gradient (to rounding: the complex kernel may fuse its multiply-adds); it is the op's form under compile."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 2, 3, 8, generator=g, requires_grad=True)
+    theta = torch.rand(2, 5, 1, 3, 4, generator=g) * 6
+    gy = torch.randn(x.shape, generator=g)
+    cos, sin = theta.cos(), theta.sin()
+    ref = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (4, 2))) * torch.complex(cos, sin)).flatten(-2)
+    got = rotate_pairs(x, cos, sin)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(got, x, gy)[0], torch.autograd.grad(ref, x, gy)[0], atol=1e-6,
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("r", [1, 2])
+def test_compiled_rotary_has_no_complex_op(r):
+    """Inductor generates no code for complex tensors (they run as separate eager kernels): the graph dynamo hands
+    to the backend rotates on real pairs."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(mamba3_chunked, backend=capture, fullgraph=True)
+    y, _ = call(compiled, inputs(20, r, 2, seed=1), "interleaved" if r == 1 else "half")
+    targets = [str(n.target) for gm in graphs for n in gm.graph.nodes]
+    assert graphs and not [t for t in targets if "complex" in t], targets
+    ref, _ = call(mamba3_naive, inputs(20, r, 2, seed=1), "interleaved" if r == 1 else "half")
+    assert rel(y, ref) <= TOL
 
 
 def test_odd_state_dim_rotates_with_the_unpaired_dim_kept():

@@ -105,3 +105,22 @@ def test_dispatch_routes_to_forced_backend():
     assert torch.equal(o_chunk, rwkv7_chunked(*inputs, chunk_size=5)[0])
     with dispatch.force("triton"), pytest.raises(dispatch.BackendError):
         rwkv7(*inputs)
+
+
+@pytest.mark.parametrize("gate, chunk", [("rwkv7", 64), ("strong", 64)])
+def test_decay_bound_sizes_chunks_without_reading_w(gate, chunk):
+    """With ``decay_bound`` (the caller's guarantee ``w >= -decay_bound``) the chunk size is fixed from the bound
+    on the host: same numbers as the token loop (strong gates: chunks halved by the bound alone), and the chunked
+    path compiles as one graph (reading ``w``'s span on the host was a graph break)."""
+    inputs = make_inputs(2, 77, 2, 8, 8, gate=gate)
+    bound = math.exp(-0.5) if gate == "rwkv7" else float(-inputs[1].min()) + 0.5
+    o_ref, s_ref, g_ref = _run(rwkv7_naive, inputs)
+    o, s, grads = _run(lambda *x: rwkv7_chunked(*x, chunk_size=chunk, decay_bound=bound), inputs)
+    assert rel_err(o, o_ref) <= TOL and rel_err(s, s_ref) <= TOL
+    for name, gg, gr in zip("r w k v a b h0".split(), grads, g_ref):
+        assert rel_err(gg, gr) <= TOL, f"d{name}: {rel_err(gg, gr):.2e}"
+    torch._dynamo.reset()
+    report = torch._dynamo.explain(lambda *x: rwkv7_chunked(*x, chunk_size=chunk, decay_bound=bound))(*inputs)
+    assert report.graph_break_count == 0, [str(r.reason).splitlines()[0] for r in report.break_reasons]
+    # the entry point passes the bound to every backend (naive and triton accept and ignore it)
+    assert rel_err(rwkv7(*inputs, chunk_size=chunk, decay_bound=bound, backend="naive")[0], o_ref) <= TOL

@@ -115,9 +115,21 @@ def _diag_blocks(m: torch.Tensor, r: int, c: int) -> torch.Tensor:
 #: A chunk whose cumulative log-decay spans at most this much has ``L[t, s] = exp(acs_t - acs_s)`` factored as
 #: ``exp(acs_t - ref) · exp(ref - acs_s)`` about the span's midpoint (factors within ``e^±20``): 2C exponentials per
 #: chunk instead of C² (``exp`` over the masked block, ``-inf`` and underflow included, was the slowest pass).
-#: Slices holding a chunk with a wider span use ``exp(segsum)``, exact for any decay. (Mamba's |A·Δ| per token is
-#: ~0.1 at initialization, a span of ~6 over 64 tokens.)
+#: Slices holding a chunk with a wider span use ``exp(segsum)``, exact for any decay; so does every slice under
+#: ``torch.compile`` and off CPU (:func:`_use_factored`), where the choice is not made on the host. (Mamba's
+#: |A·Δ| per token is ~0.1 at initialization, a span of ~6 over 64 tokens.)
 FACTOR_RANGE = 40.0
+
+
+def _use_factored(acs: torch.Tensor) -> bool:
+    """Whether a slice (cumulative log-decays ``acs (zs, C)``) takes the factored form: only in eager on CPU, where
+    reading the slice's largest span on the host costs nothing. Compiled (a host read would break the graph) and
+    on other devices (a device sync per slice) every slice takes ``exp(segsum)``, exact for any span; inductor
+    fuses its ``C²`` exponentials into the one pass that applies the decay, so it costs no extra pass there."""
+    if torch.compiler.is_compiling() or acs.device.type != "cpu":
+        return False
+    span = acs[:, 0] - acs[:, -1]
+    return bool(span.max() <= FACTOR_RANGE) if span.numel() else True
 
 
 def _causal_mask(r: int, c: int, device: torch.device) -> torch.Tensor:
@@ -140,8 +152,7 @@ class _Intra:
         self.qz, self.kz, self.sb, self.shb, self.mask = qz, kz, sb, shb, mask
         self.r, self.c = qz.shape[1], qz.shape[2]
         acs = ab.cumsum(dim=-1)
-        span = acs[:, 0] - acs[:, -1]
-        self.factored = bool(span.max() <= FACTOR_RANGE) if span.numel() else True
+        self.factored = _use_factored(acs)
         if self.factored:
             acs = acs - 0.5 * (acs[:, :1] + acs[:, -1:])
             self.e_plus, self.e_minus = acs.exp(), acs.neg().exp_()

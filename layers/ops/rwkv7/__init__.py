@@ -42,7 +42,9 @@ dispatch.register("rwkv7", BACKENDS, probe)
 
 
 def rwkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-          initial_state: torch.Tensor | None = None, *, chunk_size: int = 64,
+          initial_state: torch.Tensor | None = None, *, chunk_size: int = 64, decay_bound: float | None = None,
           backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backend chosen by :mod:`layers.ops.dispatch` (forced > env > ``backend`` > auto)."""
-    return dispatch.run("rwkv7", BACKENDS, r, w, k, v, a, b, initial_state, chunk_size=chunk_size, backend=backend)
+    """The backend chosen by :mod:`layers.ops.dispatch` (forced > env > ``backend`` > auto). ``decay_bound``: a
+    guarantee ``w >= -decay_bound`` that lets the chunked path size its chunks without reading ``w``."""
+    return dispatch.run("rwkv7", BACKENDS, r, w, k, v, a, b, initial_state, chunk_size=chunk_size,
+                        decay_bound=decay_bound, backend=backend)

@@ -19,7 +19,10 @@ The algorithm is the diagonal-plus-low-rank chunked form (``/work/shared/referen
 
 Everything runs in fp32; gradients come from autograd. Requires ``w <= 0`` (decays in (0, 1]); when a chunk's
 total log decay exceeds ``_MAX_SPAN`` (fp32 factor overflow) the chunk size is halved until it fits, so any
-gate is handled exactly (RWKV-7's bound ``w >= -0.6065`` never triggers this for ``C <= 128``).
+gate is handled exactly. Finding that out reads ``w`` on the host (a device sync, and a graph break under
+``torch.compile``); a caller that guarantees ``w >= -decay_bound`` (the RWKV-7 layer: ``exp(-1/2)``) passes
+``decay_bound`` and the chunk size is fixed from it alone (``C · decay_bound <= _MAX_SPAN``: C <= 64 at
+RWKV-7's bound), so the function compiles as one graph.
 """
 
 from __future__ import annotations
@@ -41,10 +44,13 @@ def _chunks(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
 
 def rwkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
                   b: torch.Tensor, initial_state: torch.Tensor | None = None,
-                  chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                  chunk_size: int = 64, decay_bound: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     bsz, t_len, h, kd = r.shape
     vd = v.shape[-1]
     c = max(1, min(chunk_size, t_len))
+    if decay_bound is not None:  # a chunk spans at most c·decay_bound: halve on the host, never reading w
+        while c > 1 and c * decay_bound > _MAX_SPAN:
+            c //= 2
     n = -(-t_len // c) if t_len else 0
     state = (torch.zeros(bsz, h, vd, kd, dtype=torch.float32, device=r.device) if initial_state is None
              else initial_state.float())
@@ -54,7 +60,7 @@ def rwkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Te
 
     g = w_.cumsum(dim=-2)  # inclusive log decay (B, H, n, C, K)
     g_end = g[..., -1:, :]
-    if c > 1 and float(-g_end.detach().min()) > _MAX_SPAN:
+    if decay_bound is None and c > 1 and float(-g_end.detach().min()) > _MAX_SPAN:
         return rwkv7_chunked(r, w, k, v, a, b, initial_state, chunk_size=c // 2)
     e = g - w_  # exclusive
     m = g[..., c // 2:c // 2 + 1, :]  # reference row: factors stay within e^{+-span/2}

@@ -28,8 +28,9 @@ def rwkv7_step(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 def rwkv7_naive(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
                 b: torch.Tensor, initial_state: torch.Tensor | None = None, *,
-                chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole sequence token by token; ``chunk_size`` is accepted (one signature across backends) and ignored."""
+                chunk_size: int = 64, decay_bound: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole sequence token by token; ``chunk_size`` and ``decay_bound`` are accepted (one signature across
+    backends) and ignored."""
     bsz, t_len, h, kd = r.shape
     vd = v.shape[-1]
     state = (torch.zeros(bsz, h, vd, kd, dtype=torch.float32, device=r.device) if initial_state is None

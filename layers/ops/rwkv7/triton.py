@@ -176,10 +176,11 @@ class _RWKV7(torch.autograd.Function):
 
 def rwkv7_triton(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
                  b: torch.Tensor, initial_state: torch.Tensor | None = None, *,
-                 chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                 chunk_size: int = 64, decay_bound: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``r, w, k, a, b (B, T, H, K)``, ``v (B, T, H, V)``, ``initial_state (B, H, V, K)`` or None ->
     ``o (B, T, H, V)`` in v's dtype, final state ``(B, H, V, K)`` fp32. ``chunk_size``: tokens between the
-    checkpointed states of the backward."""
+    checkpointed states of the backward. ``decay_bound`` is accepted (one signature) and ignored: the kernel
+    steps token by token and never factors a decay."""
     bsz, t_len, h, kd = r.shape
     vd = v.shape[-1]
     h0 = (torch.zeros(bsz, h, vd, kd, dtype=torch.float32, device=r.device) if initial_state is None

@@ -19,6 +19,8 @@ with ``a_t = exp(Δ_t A)`` and ``b_t = Δ_t B_t u_t``; autograd takes the gradie
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -107,6 +109,7 @@ def selective_scan_chunked_form(u: torch.Tensor, delta: torch.Tensor, A: torch.T
 #: tokens per block of the blocked scan: a block's a_t and b_t are (BLOCK, B, N, D) buffers, cache-sized at the
 #: benchmark shape (B 8, D 256, N 16: 2 MB each at 16)
 BLOCK = 16
+LOG2E = 1.0 / math.log(2.0)
 
 
 class _BlockedScan(torch.autograd.Function):
@@ -134,6 +137,7 @@ class _BlockedScan(torch.autograd.Function):
         uT, dT = u.transpose(0, 1).contiguous(), delta.transpose(0, 1).contiguous()  # (T, B, D)
         BT, CT = B.transpose(0, 1).contiguous(), C.transpose(0, 1).contiguous()  # (T, B, N)
         At = A.t().contiguous()  # (N, D)
+        At2 = At * LOG2E  # exp(Δ A) = exp2(Δ A log2 e): torch's exp2 runs about 4x faster than exp on this CPU
         duT = dT * uT
         n_blocks = -(-t_len // block)
         entries = u.new_empty(n_blocks + 1, bsz, n, d)  # the state entering each block, and the final one
@@ -145,7 +149,7 @@ class _BlockedScan(torch.autograd.Function):
         for i in range(n_blocks):
             s, e = i * block, min((i + 1) * block, t_len)
             k = e - s
-            torch.mul(dT[s:e, :, None, :], At, out=buf_a[:k]).exp_()
+            torch.exp2(torch.mul(dT[s:e, :, None, :], At2, out=buf_a[:k]), out=buf_a[:k])
             torch.mul(duT[s:e, :, None, :], BT[s:e, :, :, None], out=buf_h[:k])
             h = entries[i]
             for j in range(k):
@@ -165,6 +169,7 @@ class _BlockedScan(torch.autograd.Function):
         n = At.shape[0]
         n_blocks = entries.shape[0] - 1
         gyT = gy.transpose(0, 1).contiguous() if gy is not None else uT.new_zeros(t_len, bsz, d)
+        At2 = At * LOG2E
         duT = dT * uT
         g_uT, g_dT = torch.empty_like(uT), torch.empty_like(dT)
         g_BT, g_CT = torch.empty_like(BT), torch.empty_like(CT)
@@ -182,7 +187,7 @@ class _BlockedScan(torch.autograd.Function):
             k = e - s
             kb = k * bsz
             a, h_states, h_prev, g, x, s_blk = buf_a[:k], buf_h[1:k + 1], buf_h[:k], buf_g[:k], buf_x[:k], buf_s[:k]
-            torch.mul(dT[s:e, :, None, :], At, out=a).exp_()
+            torch.exp2(torch.mul(dT[s:e, :, None, :], At2, out=a), out=a)
             h_rows[0].copy_(entries[i])
             torch.mul(duT[s:e, :, None, :], BT[s:e, :, :, None], out=h_states)
             for j in range(k):

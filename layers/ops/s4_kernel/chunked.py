@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from layers.ops.s4_kernel.naive import discretize, s4d_naive
 
@@ -61,6 +62,44 @@ def vandermonde_factors(dt: torch.Tensor, A: torch.Tensor, length: int,
     return P, Q
 
 
+class _FFTCausalConv(torch.autograd.Function):
+    """``y = irfft(rfft(u, 2T)·rfft(K, 2T))[:T]`` with a backward that reuses the forward spectra: the gradients are
+    the causal correlations ``∂u = irfft(conj(K̂)·Ĝ)[:T]`` and ``∂K = irfft(Σ_b conj(Û_b)·Ĝ_b)[:T]`` with
+    ``Ĝ = rfft(gy, 2T)`` (gy zero-padded, so lags past T-1 read zeros), three real FFTs where autograd through
+    rfft/irfft ran two full complex FFTs and the zero-filled slice and pad backwards."""
+
+    @staticmethod
+    def forward(ctx, u, K):
+        t_len = u.shape[-1]
+        n = 2 * t_len
+        u_f = torch.fft.rfft(u, n=n)
+        k_f = torch.fft.rfft(K, n=n)
+        y = torch.fft.irfft(u_f * k_f, n=n)[..., :t_len]
+        ctx.save_for_backward(u_f, k_f)
+        return y.contiguous()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        u_f, k_f = ctx.saved_tensors
+        t_len = gy.shape[-1]
+        n = 2 * t_len
+        g_f = torch.fft.rfft(gy, n=n)
+        g_u = g_k = None
+        if ctx.needs_input_grad[0]:
+            g_u = torch.fft.irfft(g_f * k_f.conj(), n=n)[..., :t_len]
+        if ctx.needs_input_grad[1]:
+            prod = g_f.mul_(u_f.conj())
+            g_k = torch.fft.irfft(prod.sum(0) if prod.dim() == 3 else prod, n=n)[..., :t_len]
+        return g_u, g_k
+
+
+def fft_causal_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """Causal convolution ``y[b, h, t] = Σ_{s<=t} K[h, t-s]·u[b, h, s]`` of real ``u (B, H, T)`` with real
+    ``K (H, T)`` by FFTs zero-padded to ``2T`` (no wrap-around), with a hand-written backward."""
+    return _FFTCausalConv.apply(u, K)
+
+
 def s4d_fft(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, C: torch.Tensor,
             state: torch.Tensor | None = None, *, want_state: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     bsz, t_len, h = u.shape
@@ -78,8 +117,7 @@ def s4d_fft(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, C: torch.Tensor,
     # K_l = 2 Re Σ_m W_m P_m[l % b] Q_m[l // b]: one (T2 x M) @ (M x b) product per channel
     W = (Cc * dB)[..., None] * Q  # (H, M, T2)
     K = 2 * torch.bmm(W.transpose(1, 2), P).reshape(h, t2 * b)[:, :t_len].real
-    n = 2 * t_len
-    y = torch.fft.irfft(torch.fft.rfft(uf, n=n) * torch.fft.rfft(K, n=n), n=n)[..., :t_len]
+    y = fft_causal_conv(uf, K)
     if state is not None:
         x0 = state.to(torch.complex64)
         Z = (Cc * dA * x0)[..., None] * Q  # (B, H, M, T2)

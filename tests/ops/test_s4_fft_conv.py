@@ -52,3 +52,39 @@ def test_fp32_and_one_sided_gradients():
     (gk,) = torch.autograd.grad(y.sum(), K)  # u needs no gradient: only K's is formed
     (gk0,) = torch.autograd.grad(direct(u, K).sum(), K)
     assert ((gk - gk0).norm() / gk0.norm()).item() <= 1e-5
+
+
+def _modes(h: int = 2, m: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.empty(h, dtype=torch.float64).uniform_(0.01, 0.2, generator=g)
+    A = torch.complex(-torch.rand(h, m, generator=g, dtype=torch.float64) - 0.1,
+                      3 * torch.randn(h, m, generator=g, dtype=torch.float64))
+    return dt, A
+
+
+def test_vandermonde_factors_hand_backward_gradcheck():
+    """The factors' backward (dz = Σ_l l·g_l·conj(exp(l z)), z = ΔA) against finite differences, float64."""
+    from layers.ops.s4_kernel.chunked import vandermonde_factors
+
+    dt, A = _modes()
+    dt.requires_grad_(True)
+    A.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda d, a: vandermonde_factors(d, a, 11, 4), (dt, A))
+    P, Q = vandermonde_factors(dt, A, 11, 4)
+    assert P.dtype == torch.complex128 and P.grad_fn is not None and Q.shape == (2, 3, 3)
+
+
+@pytest.mark.parametrize("length, block", [(11, 4), (16, 4), (5, 8)])
+def test_kernel_from_factors_matches_vandermonde_and_gradcheck(length, block):
+    """K_l = 2 Re Σ_m W_m P_m[l % b] Q_m[l // b] as one real matmul per channel, its backward by hand."""
+    from layers.ops.s4_kernel.chunked import kernel_from_factors, vandermonde, vandermonde_factors
+
+    dt, A = _modes(seed=length)
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(2, 3, generator=g, dtype=torch.complex128)
+    P, Q = vandermonde_factors(dt, A, length, block)
+    K = kernel_from_factors(W, P, Q, length)
+    want = 2 * torch.einsum("hm,hml->hl", W, vandermonde(dt, A, length)).real
+    assert K.shape == (2, length) and torch.allclose(K, want, atol=1e-12)
+    args = tuple(x.clone().requires_grad_(True) for x in (W, P, Q))
+    assert torch.autograd.gradcheck(lambda w, p, q: kernel_from_factors(w, p, q, length), args)

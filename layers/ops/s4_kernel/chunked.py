@@ -30,12 +30,12 @@ from layers.ops.s4_kernel.naive import discretize, s4d_naive
 
 
 def _exp_lags(dt: torch.Tensor, A: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """``exp(l·Δ_h·A_hm)`` for the float64 lags ``steps``: ``(H, M, len(steps))`` complex64, phase reduced in
-    float64."""
-    dtf = dt.to(torch.float32)
-    log_mag = (dtf[:, None] * A.real.to(torch.float32))[..., None] * steps.float()
+    """``exp(l·Δ_h·A_hm)`` for the float64 lags ``steps``: ``(H, M, len(steps))`` complex64 (complex128 for float64
+    ``dt``), the phase reduced mod 2π in float64."""
+    real = torch.float64 if dt.dtype == torch.float64 else torch.float32
+    log_mag = (dt.to(real)[:, None] * A.real.to(real))[..., None] * steps.to(real)
     phase = torch.remainder((dt.to(torch.float64)[:, None] * A.imag.to(torch.float64))[..., None] * steps,
-                            2 * math.pi).float()
+                            2 * math.pi).to(real)
     mag = torch.exp(log_mag)
     return torch.complex(mag * torch.cos(phase), mag * torch.sin(phase))
 
@@ -50,16 +50,88 @@ def lag_block(length: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(length, 1)) / 2))
 
 
+class _VandermondeFactors(torch.autograd.Function):
+    """``(P, Q)`` of :func:`vandermonde_factors` with the backward by hand: each entry is ``exp(l·z)``, ``z = ΔA``,
+    so ``∂z = Σ_l l·g_l·conj(exp(l·z))`` (PyTorch's convention for a holomorphic map), then ``∂A = Δ·∂z`` and
+    ``∂Δ = Re Σ_m ∂z·conj(A)``. Autograd through the float64 phase, ``remainder``, ``cos``, ``sin`` and
+    ``complex`` took several full passes over both factors."""
+
+    @staticmethod
+    def forward(ctx, dt, A, length, block):
+        dev = dt.device
+        p_lags = torch.arange(block, dtype=torch.float64, device=dev)
+        q_lags = torch.arange(-(-length // block), dtype=torch.float64, device=dev) * block
+        P, Q = _exp_lags(dt, A, p_lags), _exp_lags(dt, A, q_lags)
+        ctx.save_for_backward(dt, A, P, Q)
+        return P, Q
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_p, g_q):
+        dt, A, P, Q = ctx.saved_tensors
+        real = P.real.dtype
+        g_z = torch.zeros_like(P[..., 0])
+        for g, V in ((g_p, P), (g_q, Q)):
+            if g is not None:
+                lags = torch.arange(V.shape[-1], dtype=real, device=V.device) * (1 if V is P else P.shape[-1])
+                g_z = g_z + (g * V.conj()) @ lags.to(V.dtype)
+        g_dt = (g_z * A.conj()).real.sum(-1).to(dt.dtype) if ctx.needs_input_grad[0] else None
+        g_a = (g_z * dt.to(real)[:, None]).to(A.dtype) if ctx.needs_input_grad[1] else None
+        return g_dt, g_a, None, None
+
+
 def vandermonde_factors(dt: torch.Tensor, A: torch.Tensor, length: int,
                         block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P, Q)`` with ``exp(l·ΔA) = P[..., l % b] · Q[..., l // b]``: ``P (H, M, b)`` the lags below the block
     ``b``, ``Q (H, M, ceil(T/b))`` the block starts. The kernel and the state sums contract over them one factor at a
-    time, never forming the ``(H, M, T)`` Vandermonde matrix."""
-    b = block or lag_block(length)
-    dev = dt.device
-    P = _exp_lags(dt, A, torch.arange(b, dtype=torch.float64, device=dev))
-    Q = _exp_lags(dt, A, torch.arange(-(-length // b), dtype=torch.float64, device=dev) * b)
-    return P, Q
+    time, never forming the ``(H, M, T)`` Vandermonde matrix. Differentiable in ``dt`` and ``A`` (backward by hand)."""
+    return _VandermondeFactors.apply(dt, A, length, block or lag_block(length))
+
+
+class _KernelFromFactors(torch.autograd.Function):
+    """``K_l = 2 Re Σ_m W_m Q_m[s] P_m[t]``, ``l = s·b + t < T``, as one real matmul per channel: with
+    ``X = W ⊙ Q`` the real part is ``[Re X, -Im X]ᵀ @ [Re P; Im P]`` (inner size 2M), half the work of a complex
+    matmul whose imaginary part is thrown away. Backward: ``∂X = conj(P) @ ∂Kᵀ``, ``∂P = conj(X) @ ∂K`` (each one
+    real matmul on stacked parts), ``∂W = Σ_s ∂X·conj(Q)``, ``∂Q = ∂X·conj(W)``, with ``∂K`` doubled and
+    zero-padded to whole blocks."""
+
+    @staticmethod
+    def forward(ctx, W, P, Q, length):
+        h, m, b = P.shape
+        t2 = Q.shape[-1]
+        X = W[..., None] * Q  # (H, M, T2)
+        left = torch.cat((X.real, -X.imag), dim=1).transpose(1, 2)  # (H, T2, 2M)
+        right = torch.cat((P.real, P.imag), dim=1)  # (H, 2M, b)
+        K = torch.bmm(left, right).reshape(h, t2 * b)[:, :length].mul_(2)
+        ctx.length = length
+        ctx.save_for_backward(W, P, Q, X)
+        return K
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_k):
+        W, P, Q, X = ctx.saved_tensors
+        h, m, b = P.shape
+        t2 = Q.shape[-1]
+        g2 = torch.nn.functional.pad(2 * g_k, (0, t2 * b - ctx.length)).reshape(h, t2, b)
+        g_w = g_p = g_q = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+            gx = torch.bmm(torch.cat((P.real, -P.imag), dim=1), g2.transpose(1, 2))  # (H, 2M, T2)
+            g_x = torch.complex(gx[:, :m], gx[:, m:])
+            if ctx.needs_input_grad[0]:
+                g_w = (g_x * Q.conj()).sum(-1)
+            if ctx.needs_input_grad[2]:
+                g_q = g_x * W.conj()[..., None]
+        if ctx.needs_input_grad[1]:
+            gp = torch.bmm(torch.cat((X.real, -X.imag), dim=1), g2)  # (H, 2M, b)
+            g_p = torch.complex(gp[:, :m], gp[:, m:])
+        return g_w, g_p, g_q, None
+
+
+def kernel_from_factors(W: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, length: int) -> torch.Tensor:
+    """The S4D convolution kernel ``K_l = 2 Re Σ_m W_m exp(l·ΔA_m)`` for ``l < length`` from the factors of
+    :func:`vandermonde_factors` and ``W = C·dB`` ``(H, M)``: real ``(H, length)``."""
+    return _KernelFromFactors.apply(W, P, Q, length)
 
 
 class _FFTCausalConv(torch.autograd.Function):
@@ -115,8 +187,7 @@ def s4d_fft(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, C: torch.Tensor,
     P, Q = vandermonde_factors(dt, A, t_len)  # (H, M, b), (H, M, T2): exp(l·ΔA) = P[l % b]·Q[l // b]
     b, t2 = P.shape[-1], Q.shape[-1]
     # K_l = 2 Re Σ_m W_m P_m[l % b] Q_m[l // b]: one (T2 x M) @ (M x b) product per channel
-    W = (Cc * dB)[..., None] * Q  # (H, M, T2)
-    K = 2 * torch.bmm(W.transpose(1, 2), P).reshape(h, t2 * b)[:, :t_len].real
+    K = kernel_from_factors(Cc * dB, P, Q, t_len)
     y = fft_causal_conv(uf, K)
     if state is not None:
         x0 = state.to(torch.complex64)

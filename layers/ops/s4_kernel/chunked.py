@@ -197,7 +197,11 @@ def s4d_fft(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, C: torch.Tensor,
     if want_state:
         # Σ_l dA^{T-1-l} u_l = Σ_j dA^j u_{T-1-j}, j = s·b + t
         flipped = torch.nn.functional.pad(uf.flip(-1), (0, t2 * b - t_len)).reshape(bsz, h, t2, b)
-        R = torch.einsum("bhst,hmt->bhsm", flipped.to(torch.complex64), P)
+        # the input is real: contract it with Re P and Im P stacked (one real matmul, inner size b) rather than
+        # casting it to complex for a complex matmul
+        m = P.shape[1]
+        R2 = torch.einsum("bhst,hkt->bhsk", flipped, torch.cat((P.real, P.imag), dim=1))  # (B, H, T2, 2M)
+        R = torch.complex(R2[..., :m], R2[..., m:])
         new_state = dB * torch.einsum("bhsm,hms->bhm", R, Q)
         if state is not None:
             last = P[..., (t_len - 1) % b] * Q[..., (t_len - 1) // b]  # exp((T-1)·ΔA)

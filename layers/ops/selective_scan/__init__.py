@@ -29,8 +29,8 @@ from layers.ops.selective_scan.chunked import (
 )
 from layers.ops.selective_scan.naive import selective_scan_naive
 
-__all__ = ["BACKENDS", "selective_scan", "selective_scan_blocked", "selective_scan_chunked_form", "selective_scan_naive",
-           "selective_scan_seq"]
+__all__ = ["BACKENDS", "selective_scan", "selective_scan_blocked", "selective_scan_chunked_form",
+           "selective_scan_naive", "selective_scan_seq"]
 
 BACKENDS: dict[str, Any] = {"naive": selective_scan_naive, "chunked": selective_scan_blocked}
 dispatch.register("selective_scan", BACKENDS)

@@ -100,30 +100,32 @@ class _KernelFromFactors(torch.autograd.Function):
         h, m, b = P.shape
         t2 = Q.shape[-1]
         X = W[..., None] * Q  # (H, M, T2)
-        left = torch.cat((X.real, -X.imag), dim=1).transpose(1, 2)  # (H, T2, 2M)
-        right = torch.cat((P.real, P.imag), dim=1)  # (H, 2M, b)
-        K = torch.bmm(left, right).reshape(h, t2 * b)[:, :length].mul_(2)
+        left = torch.cat((X.real, X.imag), dim=1)  # (H, 2M, T2): [Re X; Im X]
+        right = torch.cat((P.real, P.imag), dim=1)  # (H, 2M, b): [Re P; Im P]
+        left[:, m:].neg_()  # [Re X; -Im X]
+        K = torch.bmm(left.transpose(1, 2), right).reshape(h, t2 * b)[:, :length].mul_(2)
         ctx.length = length
-        ctx.save_for_backward(W, P, Q, X)
+        ctx.save_for_backward(W, Q, left, right)
         return K
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_k):
-        W, P, Q, X = ctx.saved_tensors
-        h, m, b = P.shape
+        W, Q, left, right = ctx.saved_tensors
+        h, m2, b = right.shape
+        m = m2 // 2
         t2 = Q.shape[-1]
         g2 = torch.nn.functional.pad(2 * g_k, (0, t2 * b - ctx.length)).reshape(h, t2, b)
         g_w = g_p = g_q = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            gx = torch.bmm(torch.cat((P.real, -P.imag), dim=1), g2.transpose(1, 2))  # (H, 2M, T2)
-            g_x = torch.complex(gx[:, :m], gx[:, m:])
+            gx = torch.bmm(right, g2.transpose(1, 2))  # [Re P; Im P] @ ∂Kᵀ: (H, 2M, T2)
+            g_x = torch.complex(gx[:, :m], gx[:, m:].neg_())  # conj(P) @ ∂Kᵀ
             if ctx.needs_input_grad[0]:
                 g_w = (g_x * Q.conj()).sum(-1)
             if ctx.needs_input_grad[2]:
                 g_q = g_x * W.conj()[..., None]
         if ctx.needs_input_grad[1]:
-            gp = torch.bmm(torch.cat((X.real, -X.imag), dim=1), g2)  # (H, 2M, b)
+            gp = torch.bmm(left, g2)  # [Re X; -Im X] @ ∂K = conj(X) @ ∂K as parts: (H, 2M, b)
             g_p = torch.complex(gp[:, :m], gp[:, m:])
         return g_w, g_p, g_q, None
 

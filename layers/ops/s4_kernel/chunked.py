@@ -82,6 +82,11 @@ class _VandermondeFactors(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_p, g_q):
         dt, A, P, Q = ctx.saved_tensors
+        with torch.autocast(P.device.type, enabled=False):  # a backward run inside autocast stays fp32
+            return _VandermondeFactors._backward(ctx, g_p, g_q, dt, A, P, Q)
+
+    @staticmethod
+    def _backward(ctx, g_p, g_q, dt, A, P, Q):
         real = P.real.dtype
         g_z = torch.zeros_like(P[..., 0])
         for g, V in ((g_p, P), (g_q, Q)):
@@ -125,6 +130,11 @@ class _KernelFromFactors(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_k):
         W, Q, left, right = ctx.saved_tensors
+        with torch.autocast(right.device.type, enabled=False):  # a backward run inside autocast stays fp32
+            return _KernelFromFactors._backward(ctx, g_k, W, Q, left, right)
+
+    @staticmethod
+    def _backward(ctx, g_k, W, Q, left, right):
         h, m2, b = right.shape
         m = m2 // 2
         t2 = Q.shape[-1]
@@ -169,6 +179,11 @@ class _FFTCausalConv(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gy):
         u_f, k_f = ctx.saved_tensors
+        with torch.autocast(u_f.device.type, enabled=False):  # a backward run inside autocast stays fp32
+            return _FFTCausalConv._backward(ctx, gy, u_f, k_f)
+
+    @staticmethod
+    def _backward(ctx, gy, u_f, k_f):
         t_len = gy.shape[-1]
         n = 2 * t_len
         g_f = torch.fft.rfft(gy, n=n)
@@ -189,6 +204,12 @@ def fft_causal_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
 
 def s4d_fft(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, C: torch.Tensor,
             state: torch.Tensor | None = None, *, want_state: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # fp32 throughout (float64 for the phases): under autocast the matmuls would otherwise run in bf16
+    with torch.autocast(u.device.type, enabled=False):
+        return _s4d_fft(u, dt, A, C, state, want_state)
+
+
+def _s4d_fft(u, dt, A, C, state, want_state):
     bsz, t_len, h = u.shape
     if t_len == 1:  # one decode step: the recurrence is the same sum without the kernel and the FFT
         return s4d_naive(u, dt, A, C, state, want_state=want_state)

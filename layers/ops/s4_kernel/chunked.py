@@ -47,10 +47,21 @@ def _exp_lags(dt: torch.Tensor, A: torch.Tensor, steps: torch.Tensor) -> torch.T
     ``dt``), the phase reduced mod 2π in float64."""
     real = torch.float64 if dt.dtype == torch.float64 else torch.float32
     log_mag = (dt.to(real)[:, None] * A.real.to(real))[..., None] * steps.to(real)
-    phase = torch.remainder((dt.to(torch.float64)[:, None] * A.imag.to(torch.float64))[..., None] * steps,
-                            2 * math.pi).to(real)
+    phase64 = (dt.to(torch.float64)[:, None] * A.imag.to(torch.float64))[..., None] * steps
+    # reduced to [-π, π] as x - 2π·round(x / 2π): 4x faster than torch.remainder's fmod, the same angle to 1e-11
+    phase = (phase64 * (0.5 / math.pi)).round_().mul_(-2 * math.pi).add_(phase64).to(real)
     mag = torch.exp(log_mag)
-    return torch.complex(mag * torch.cos(phase), mag * torch.sin(phase))
+    out = log_mag.new_empty(*log_mag.shape, 2)  # written as (re, im) pairs: torch.complex measured 6x slower here
+    torch.mul(mag, torch.cos(phase), out=out[..., 0])
+    torch.mul(mag, torch.sin(phase), out=out[..., 1])
+    return torch.view_as_complex(out)
+
+
+def _interleaved(Z: torch.Tensor) -> torch.Tensor:
+    """``(H, M, L)`` complex -> ``(H, 2M, L)`` real with rows ``Re Z_0, Im Z_0, Re Z_1, …``: a matmul over the 2M
+    rows then yields (re, im) pairs that view as complex without a copy."""
+    h, m, length = Z.shape
+    return torch.view_as_real(Z).transpose(-1, -2).reshape(h, 2 * m, length)
 
 
 def vandermonde(dt: torch.Tensor, A: torch.Tensor, length: int) -> torch.Tensor:
@@ -118,9 +129,9 @@ class _KernelFromFactors(torch.autograd.Function):
         h, m, b = P.shape
         t2 = Q.shape[-1]
         X = W[..., None] * Q  # (H, M, T2)
-        left = torch.cat((X.real, X.imag), dim=1)  # (H, 2M, T2): [Re X; Im X]
-        right = torch.cat((P.real, P.imag), dim=1)  # (H, 2M, b): [Re P; Im P]
-        left[:, m:].neg_()  # [Re X; -Im X]
+        left = _interleaved(X)  # (H, 2M, T2): Re X_m, Im X_m rows in turn
+        left.view(h, m, 2, t2)[:, :, 1].neg_()  # Re X_m, -Im X_m: Re(X P) = Re X Re P - Im X Im P
+        right = _interleaved(P)  # (H, 2M, b)
         K = torch.bmm(left.transpose(1, 2), right).reshape(h, t2 * b)[:, :length].mul_(2)
         ctx.length = length
         ctx.save_for_backward(W, Q, left, right)
@@ -141,15 +152,16 @@ class _KernelFromFactors(torch.autograd.Function):
         g2 = torch.nn.functional.pad(2 * g_k, (0, t2 * b - ctx.length)).reshape(h, t2, b)
         g_w = g_p = g_q = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            gx = torch.bmm(right, g2.transpose(1, 2))  # [Re P; Im P] @ ∂Kᵀ: (H, 2M, T2)
-            g_x = torch.complex(gx[:, :m], gx[:, m:].neg_())  # conj(P) @ ∂Kᵀ
+            gx = torch.bmm(g2, right.transpose(1, 2)).view(h, t2, m, 2)  # (re, im) pairs of ∂K @ Pᵀ
+            gx[..., 1].neg_()  # ∂X = conj(P) @ ∂Kᵀ
+            g_x = torch.view_as_complex(gx).transpose(1, 2)  # (H, M, T2)
             if ctx.needs_input_grad[0]:
                 g_w = (g_x * Q.conj()).sum(-1)
             if ctx.needs_input_grad[2]:
                 g_q = g_x * W.conj()[..., None]
         if ctx.needs_input_grad[1]:
-            gp = torch.bmm(left, g2)  # [Re X; -Im X] @ ∂K = conj(X) @ ∂K as parts: (H, 2M, b)
-            g_p = torch.complex(gp[:, :m], gp[:, m:])
+            gp = torch.bmm(g2.transpose(1, 2), left.transpose(1, 2)).view(h, b, m, 2)  # ∂P = conj(X) @ ∂K
+            g_p = torch.view_as_complex(gp).transpose(1, 2)  # (H, M, b)
         return g_w, g_p, g_q, None
 
 
@@ -236,8 +248,8 @@ def _s4d_fft(u, dt, A, C, state, want_state):
         # the input is real: contract it with Re P and Im P stacked (one real matmul, inner size b) rather than
         # casting it to complex for a complex matmul
         m = P.shape[1]
-        R2 = torch.einsum("bhst,hkt->bhsk", flipped, torch.cat((P.real, P.imag), dim=1))  # (B, H, T2, 2M)
-        R = torch.complex(R2[..., :m], R2[..., m:])
+        R2 = torch.einsum("bhst,hkt->bhsk", flipped, _interleaved(P))  # (B, H, T2, 2M), (re, im) pairs
+        R = torch.view_as_complex(R2.contiguous().view(*R2.shape[:-1], m, 2))
         new_state = dB * torch.einsum("bhsm,hms->bhm", R, Q)
         if state is not None:
             last = P[..., (t_len - 1) % b] * Q[..., (t_len - 1) // b]  # exp((T-1)·ΔA)

@@ -119,10 +119,10 @@ def vandermonde_factors(dt: torch.Tensor, A: torch.Tensor, length: int,
 
 class _KernelFromFactors(torch.autograd.Function):
     """``K_l = 2 Re Σ_m W_m Q_m[s] P_m[t]``, ``l = s·b + t < T``, as one real matmul per channel: with
-    ``X = W ⊙ Q`` the real part is ``[Re X, -Im X]ᵀ @ [Re P; Im P]`` (inner size 2M), half the work of a complex
-    matmul whose imaginary part is thrown away. Backward: ``∂X = conj(P) @ ∂Kᵀ``, ``∂P = conj(X) @ ∂K`` (each one
-    real matmul on stacked parts), ``∂W = Σ_s ∂X·conj(Q)``, ``∂Q = ∂X·conj(W)``, with ``∂K`` doubled and
-    zero-padded to whole blocks."""
+    ``X = W ⊙ Q`` the real part is ``[Re X, -Im X]ᵀ @ [Re P; Im P]`` (inner size 2M, the real and imaginary rows
+    interleaved), half the work of a complex matmul whose imaginary part is thrown away. Backward:
+    ``∂X = conj(P) @ ∂Kᵀ``, ``∂P = conj(X) @ ∂K`` (each one real matmul whose (re, im) output pairs view as complex),
+    ``∂W = Σ_s ∂X·conj(Q)``, ``∂Q = ∂X·conj(W)``, with ``∂K`` doubled and zero-padded to whole blocks."""
 
     @staticmethod
     def forward(ctx, W, P, Q, length):

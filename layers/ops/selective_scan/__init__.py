@@ -12,7 +12,7 @@ Shapes (B batch, T length, D channels = d_inner, N state size per channel)::
 
 Backends (``BACKENDS``): ``naive`` (token loop with plain indexing, the fp32 oracle) and ``chunked`` (the CPU path:
 :func:`selective_scan_blocked`, a sequential scan run in blocks of 16 tokens with all six gradients derived by hand,
-so autograd never sees a ``(B, T, D, N)`` tensor; 20x the naive loop and 5-11x the plain sequential scan
+so autograd never sees a ``(B, T, D, N)`` tensor; 20-29x the naive loop and 7-14x the plain sequential scan
 (:func:`selective_scan_seq`) at B 8, T 1024, D 256, N 16 on a shared 2-core machine; see ``chunked.py``). No
 Triton kernel. ``backend=`` or :mod:`layers.ops.dispatch` picks one.
 """

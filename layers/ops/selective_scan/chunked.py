@@ -10,8 +10,8 @@ out of cache. :class:`_BlockedScan` takes ``(u, Δ, A, B, C, h0)`` directly, mak
 time into reused cache-sized buffers, keeps one state per block for the backward and recomputes the rest, and
 derives all six gradients by hand, so no ``(B, T, D, N)`` tensor exists and autograd sees none. Measured on the
 shared 2-core development machine (other sessions' jobs running, load average 6-7; one thread; forward + backward
-of ``mean(y²)``, medians of interleaved rounds in one run, ``experiments/ssm_lineage``): the blocked scan 5-11x
-faster than the plain sequential scan and 20-21x faster than the naive token loop (the committed idle-core
+of ``mean(y²)``, medians of interleaved rounds in one run, ``experiments/ssm_lineage``): the blocked scan 7-14x
+faster than the plain sequential scan and 20-29x faster than the naive token loop (the committed idle-core
 figures of the old path were 3.4x the naive loop, at 2 threads). Also measured, same conditions: blocks of 8, 16
 and 32 tokens at 256, 239 and 270 ms, 64 about twice as slow (16 kept); ``exp2`` 4x faster than ``exp`` per
 element (a is formed as ``exp2(Δ·A·log2 e)``, relative error 1.7e-7 against float64, ``exp``'s own 0.9e-7); a

@@ -56,10 +56,8 @@ def _exp_lags(dt: torch.Tensor, A: torch.Tensor, steps: torch.Tensor) -> torch.T
     # reduced to [-π, π] as x - 2π·round(x / 2π): 4x faster than torch.remainder's fmod, the same angle to 1e-11
     phase = (phase64 * (0.5 / math.pi)).round_().mul_(-2 * math.pi).add_(phase64).to(real)
     mag = torch.exp(log_mag)
-    out = log_mag.new_empty(*log_mag.shape, 2)  # written as (re, im) pairs: torch.complex measured 6x slower here
-    torch.mul(mag, torch.cos(phase), out=out[..., 0])
-    torch.mul(mag, torch.sin(phase), out=out[..., 1])
-    return torch.view_as_complex(out)
+    # stacked as (re, im) pairs: torch.complex measured 6x slower here
+    return torch.view_as_complex(torch.stack((mag * torch.cos(phase), mag * torch.sin(phase)), dim=-1))
 
 
 def _interleaved(Z: torch.Tensor) -> torch.Tensor:
@@ -85,7 +83,7 @@ def _powers(dt: torch.Tensor, A: torch.Tensor, count: int, stride: int) -> torch
         phase = z_im * (n * stride)
         phase = phase - 2 * math.pi * torch.round(phase * (0.5 / math.pi))
         base = torch.polar(torch.exp(z_re * (n * stride)), phase)  # exp(n·stride·ΔA), (H, M)
-        torch.mul(out[..., :k], base[..., None], out=out[..., n:n + k])
+        out[..., n:n + k] = out[..., :k] * base[..., None]  # (no out= into a strided slice: torch.compile breaks)
         n *= 2
     return out if dt.dtype == torch.float64 else out.to(torch.complex64)
 

@@ -175,14 +175,15 @@ class _KernelFromFactors(torch.autograd.Function):
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
             gx = torch.bmm(g2, right.transpose(1, 2)).view(h, t2, m, 2)  # (re, im) pairs of ∂K @ Pᵀ
             gx[..., 1].neg_()  # ∂X = conj(P) @ ∂Kᵀ
-            g_x = torch.view_as_complex(gx).transpose(1, 2)  # (H, M, T2)
+            g_x = torch.view_as_complex(gx).transpose(1, 2).contiguous()  # (H, M, T2) in Q's layout: the products
+            # with conj(Q), conj(W) and (in the factors' backward) conj(Q) again then run on contiguous operands
             if ctx.needs_input_grad[0]:
                 g_w = (g_x * Q.conj()).sum(-1)
             if ctx.needs_input_grad[2]:
                 g_q = g_x * W.conj()[..., None]
         if ctx.needs_input_grad[1]:
             gp = torch.bmm(g2.transpose(1, 2), left.transpose(1, 2)).view(h, b, m, 2)  # ∂P = conj(X) @ ∂K
-            g_p = torch.view_as_complex(gp).transpose(1, 2)  # (H, M, b)
+            g_p = torch.view_as_complex(gp).transpose(1, 2).contiguous()  # (H, M, b) in P's layout
         return g_w, g_p, g_q, None
 
 

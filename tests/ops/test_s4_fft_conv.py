@@ -20,11 +20,12 @@ def direct(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("t_len", [1, 2, 9, 64, 100])
-def test_matches_direct_sum_forward_and_gradients(t_len):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_matches_direct_sum_forward_and_gradients(t_len, batch):
     g = torch.Generator().manual_seed(t_len)
-    u = torch.randn(3, 4, t_len, generator=g, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(batch, 4, t_len, generator=g, dtype=torch.float64, requires_grad=True)
     K = torch.randn(4, t_len, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, 4, t_len, generator=g, dtype=torch.float64)
+    w = torch.randn(batch, 4, t_len, generator=g, dtype=torch.float64)
     y0 = direct(u, K)
     g0 = torch.autograd.grad((y0 * w).sum(), (u, K))
     y1 = fft_causal_conv(u, K)

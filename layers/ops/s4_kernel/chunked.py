@@ -226,7 +226,9 @@ class _FFTCausalConv(torch.autograd.Function):
             g_u = torch.fft.irfft(g_f * k_f.conj(), n=n)[..., :t_len]
         if ctx.needs_input_grad[1]:
             prod = g_f.mul_(u_f.conj())
-            g_k = torch.fft.irfft(prod.sum(0) if prod.dim() == 3 else prod, n=n)[..., :t_len]
+            if prod.dim() == 3:  # summed over the batch (a view of the only one: no copy at batch 1)
+                prod = prod[0] if prod.shape[0] == 1 else prod.sum(0)
+            g_k = torch.fft.irfft(prod, n=n)[..., :t_len]
         return g_u, g_k
 
 

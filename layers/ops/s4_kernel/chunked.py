@@ -170,7 +170,8 @@ class _KernelFromFactors(torch.autograd.Function):
         h, m2, b = right.shape
         m = m2 // 2
         t2 = Q.shape[-1]
-        g2 = torch.nn.functional.pad(2 * g_k, (0, t2 * b - ctx.length)).reshape(h, t2, b)
+        pad = t2 * b - ctx.length
+        g2 = (torch.nn.functional.pad(2 * g_k, (0, pad)) if pad else 2 * g_k).reshape(h, t2, b)
         g_w = g_p = g_q = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
             gx = torch.bmm(g2, right.transpose(1, 2)).view(h, t2, m, 2)  # (re, im) pairs of ∂K @ Pᵀ

@@ -2,8 +2,11 @@
 
     python experiments/ssm_lineage/bench_ops.py [--rounds 5] [--threads 2]
 
-- Mamba-1's selective scan: ``chunked`` (sequential scan, reverse-loop backward) against ``naive`` (token loop with
-  plain indexing) at batch 8, length 1024, d_model 128 (d_inner 256), N 16: the issue's shape and target (>= 15x).
+- Mamba-1's selective scan: ``chunked`` (the blocked scan with every gradient by hand) against ``naive`` (token loop
+  with plain indexing) at batch 8, length 1024, d_model 128 (d_inner 256), N 16: the issue's shape and target
+  (>= 15x). ``seq`` (the plain sequential scan over unbound slices with a reverse-loop backward, the best loop of
+  ``ssm_lineage.md`` §9.2) is timed beside them: the target asks the fast path to be within 2x of the best
+  sequential form.
 - S4D: ``chunked`` (FFT convolution with the Vandermonde kernel) against ``naive`` (the recurrence) at length 4096
   (batch 1, 128 channels, 32 stored modes = N 64): target >= 50x.
 
@@ -20,7 +23,7 @@ import time
 import torch
 
 from layers.ops.s4_kernel import s4d_conv, s4d_init
-from layers.ops.selective_scan import selective_scan
+from layers.ops.selective_scan import selective_scan, selective_scan_seq
 
 
 def uptime() -> str:
@@ -58,17 +61,25 @@ def fwd_bwd(fn, inputs) -> float:
     return time.perf_counter() - t0
 
 
-def compare(name: str, make, call, rounds: int) -> None:
+def compare(name: str, make, call, rounds: int, extra: dict | None = None) -> None:
+    """``call(*inputs, backend=...)`` for ``naive`` and ``chunked``, and each ``extra`` path (name -> function of the
+    inputs), timed once per round in alternating order."""
     inputs = make()
-    times: dict[str, list[float]] = {"naive": [], "chunked": []}
-    fwd_bwd(lambda *a: call(*a, backend="chunked"), inputs)  # warm-up
+    paths = {"naive": lambda *a: call(*a, backend="naive"), "chunked": lambda *a: call(*a, backend="chunked")}
+    paths.update(extra or {})
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for key in paths:
+        if key != "naive":
+            fwd_bwd(paths[key], inputs)  # warm-up
     for r in range(rounds):
-        order = ["naive", "chunked"] if r % 2 == 0 else ["chunked", "naive"]
-        for backend in order:
-            times[backend].append(fwd_bwd(lambda *a, b=backend: call(*a, backend=b), inputs))
+        order = list(paths) if r % 2 == 0 else list(paths)[::-1]
+        for key in order:
+            times[key].append(fwd_bwd(paths[key], inputs))
     med = {k: statistics.median(v) for k, v in times.items()}
+    extras = "".join(f", {k} {med[k] * 1e3:.1f} ms (chunked {med[k] / med['chunked']:.2f}x faster)"
+                     for k in extra or {})
     print(f"{name}: naive {med['naive'] * 1e3:.1f} ms, chunked {med['chunked'] * 1e3:.1f} ms, "
-          f"speed-up {med['naive'] / med['chunked']:.1f}x (medians of {rounds} interleaved rounds, fwd+bwd)")
+          f"speed-up {med['naive'] / med['chunked']:.1f}x{extras} (medians of {rounds} interleaved rounds, fwd+bwd)")
 
 
 def main() -> None:
@@ -79,7 +90,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, {args.threads} threads; uptime before: {uptime()}")
     compare("selective_scan B8 T1024 D256 (d_model 128) N16", scan_inputs,
-            lambda u, d, A, B, C, backend: selective_scan(u, d, A, B, C, backend=backend), args.rounds)
+            lambda u, d, A, B, C, backend: selective_scan(u, d, A, B, C, backend=backend), args.rounds,
+            extra={"seq": selective_scan_seq})
     compare("s4d B1 T4096 H128 N64 (32 modes)", s4_inputs,
             lambda u, dt, ar, ai, cr, ci, backend: s4d_conv(u, dt, torch.complex(ar, ai), torch.complex(cr, ci),
                                                             backend=backend), args.rounds)

@@ -1,5 +1,5 @@
 """hybridnas search | show | export | plot | dashboard | storage-proxy | train | eval | generate | serve | sweep
-| replay | bench | validate.
+| replay | distill-search | bench | validate.
 
 Errors a user can fix (bad YAML, unknown study, missing file, a storage that cannot be opened, a bad number on the
 command line) print one clear line each and exit 2; a bug in a trial's code prints its traceback once and the
@@ -767,6 +767,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return doctor.run(interpret=args.interpret)
 
 
+def cmd_distill_search(args: argparse.Namespace) -> int:
+    from hybridnas.config import load_distill_space
+    from hybridnas.distill import run_distill_search
+
+    space = load_distill_space(args.space, trust_custom_code=args.trust_custom_code)
+    out = args.out or f"runs/{space.name}"
+    run_distill_search(space, out, storage=args.storage, trust_custom_code=args.trust_custom_code)
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from hybridnas.config import load_space
     from hybridnas.sweep import SweepPlan, enumerate_space, lr_ladder, open_sweep_study, run_sweep, write_table
@@ -1048,6 +1058,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time each backend through torch.compile (rows <backend>+compile, compiled in warm-up)")
     s.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile (inductor)")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("distill-search", help="post-training hybrid search: which attention layers of a trained "
+                                              "model to keep, the rest distilled into another mixer")
+    s.add_argument("space", help="distill-search YAML (teacher, student, distill, data, compare, select)")
+    s.add_argument("--out", metavar="DIR", help="report, runs' weights, study and export (default runs/<name>)")
+    s.add_argument("--storage", help="Optuna storage of the runs (default sqlite:///DIR/study.db; postgresql://... "
+                                     "as for search)")
+    s.add_argument("--trust-custom-code", action="store_true",
+                   help="allow a teacher whose architecture.yaml names custom layer code to import")
+    s.set_defaults(func=cmd_distill_search)
 
     s = sub.add_parser("sweep", help="train every architecture of a finite space over an lr ladder, seeds and "
                                      "budgets: the ground-truth table (resumable, shareable by many workers)")

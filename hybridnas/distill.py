@@ -406,7 +406,7 @@ def score_layers(study: optuna.Study, teacher: HybridLM, data, student: StudentS
     evaluator = evaluator or Evaluator(teacher, data, settings)
     fp = fingerprint(student, settings, settings.score_steps, extra)
     seed = settings.seeds[0]
-    params = student.layers.get(student.symbol) or next(iter(student.layers.values()), {})
+    params = _params(student)
     kls: dict[int | None, float] = {}
     for restored in [None, *attention_positions(teacher.cfg)]:
         label = "score all-linear" if restored is None else f"score restore {restored}"
@@ -449,6 +449,11 @@ def random_placement(n: int, k: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), k))
 
 
+def _params(student: StudentSpec) -> dict[str, Any]:
+    """The student symbol's parameters (``student.layers`` holds only that symbol's, under any of its names)."""
+    return dict(student.layers.get(student.symbol) or next(iter(student.layers.values()), None) or {})
+
+
 def _topk_fallback(scores: list[float], k: int | None, costs: list[float] | None = None,
                    budget: float | None = None, method: str = "milp") -> list[int]:
     # TEMPORARY, for this branch's tests only until hybridnas/distill_select.py is merged: the k best scores, no budget
@@ -467,7 +472,7 @@ def select(utilities: dict[int, float], student: StudentSpec, teacher_cfg: Model
     positions = sorted(utilities)
     scores = [utilities[p] for p in positions]
     costs = budget = None
-    params = student.layers.get(student.symbol) or next(iter(student.layers.values()), {})
+    params = _params(student)
     if student.budget is not None:
         if distill_select is None:
             raise ValueError("student.budget needs hybridnas.distill_select, which this installation lacks")
@@ -511,7 +516,7 @@ def final_stage(study: optuna.Study, teacher: HybridLM, data, student: StudentSp
     same seed runs once); each run's weights go to ``weights_root/<key>/``. Returns ``{name: {seed: result}}``."""
     evaluator = evaluator or Evaluator(teacher, data, settings)
     fp = fingerprint(student, settings, settings.final_steps, extra)
-    params = student.layers.get(student.symbol) or next(iter(student.layers.values()), {})
+    params = _params(student)
     out: dict[str, dict[int, dict[str, Any]]] = {}
     for name, by_seed in plan.items():
         out[name] = {}
@@ -588,8 +593,13 @@ def run_distill_search(space: DistillSpace, out_dir: str | Path, *, storage: str
     from hybridnas.checkpoint import build_model
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     settings = space.distill
+    if space.student.budget is not None:
+        try:
+            from hybridnas import distill_select  # noqa: F401
+        except ImportError:  # TEMPORARY (see _topk_fallback): said before any run, not after the scoring
+            raise ValueError("student.budget needs hybridnas.distill_select, which this installation lacks") from None
+    out.mkdir(parents=True, exist_ok=True)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
@@ -602,11 +612,15 @@ def run_distill_search(space: DistillSpace, out_dir: str | Path, *, storage: str
     url = storage or f"sqlite:///{out / 'study.db'}"
     study = open_study(space.name, url)
     extra = {"teacher": str(Path(space.teacher).resolve()), "data": space.data}
+    _, notes = build_student(teacher, [], space.student.symbol, _params(space.student), init=space.student.init)
+    for sym, n in notes.items():
+        log(f"init of {sym} from attention: copied {'; '.join(n['copied']) or 'nothing'}; not copied "
+            f"{'; '.join(n['not_copied'])}", flush=True)
     utilities = score_layers(study, teacher, data, space.student, settings, evaluator=evaluator, extra=extra, log=log)
     selected = select(utilities, space.student, teacher.cfg, settings, space.select)
     log(f"selected attention layers {selected} (utilities "
         + ", ".join(f"{k}: {v:.4f}" for k, v in sorted(utilities.items())) + ")", flush=True)
-    params = space.student.layers.get(space.student.symbol) or next(iter(space.student.layers.values()), {})
+    params = _params(space.student)
 
     def arch_for(keep: list[int]) -> ArchConfig:
         cfg = student_config(teacher.cfg, keep, space.student.symbol, params)
@@ -618,8 +632,6 @@ def run_distill_search(space: DistillSpace, out_dir: str | Path, *, storage: str
     plan = placements(selected, attention_positions(teacher.cfg), space.compare, settings.seeds)
     results = final_stage(study, teacher, data, space.student, settings, plan, out / "runs", arch_for,
                           evaluator=evaluator, extra=extra, log=log)
-    notes = next((r.get("init") for t in _finished(study).values() for r in [t.user_attrs["result"]]
-                  if t.user_attrs.get("stage") == "score" and r.get("init")), {})
     md, js = report(space, evaluator, utilities, selected, results, scoring_minutes(study), notes)
     best_seed = min(results["kl"], key=lambda s: results["kl"][s]["bits_per_byte"])
     export = _export(out / "export", arch_for(selected), results["kl"][best_seed], teacher, data, space, params,

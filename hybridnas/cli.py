@@ -92,6 +92,9 @@ def _validate_file(path: str, arch_file: bool, trust: bool) -> None:
         arch = load_arch(path, trust_custom_code=trust)
         print(f"{path}: OK (architecture {arch.model.pattern!r}, d_model {arch.model.d_model})")
         return
+    if _is_distill_file(path):
+        _validate_distill(path, trust)
+        return
     space = load_space(path)
     _check_custom_symbols(space)
     searched = []
@@ -114,6 +117,37 @@ def _validate_file(path: str, arch_file: bool, trust: bool) -> None:
         rates = ladder_from(space.train.get("lr", 1e-3), space.search.lr_ladder)
         print(f"  learning rate: {space.search.lr_mode} over {', '.join(f'{r:g}' for r in rates)} inside each "
               "trial")
+
+
+def _is_distill_file(path: str) -> bool:
+    """A ``distill-search`` file names a teacher and no model (a search space is the other way round)."""
+    from hybridnas.yamlio import load_file
+
+    try:
+        data, _ = load_file(path)
+    except (ConfigError, OSError):
+        return False  # load_space reports it
+    return isinstance(data, dict) and "teacher" in data and "model" not in data
+
+
+def _validate_distill(path: str, trust: bool) -> None:
+    from hybridnas import patterns
+    from hybridnas.config import load_arch, load_distill_space
+
+    space = load_distill_space(path, trust_custom_code=trust)
+    teacher = load_arch(str(Path(space.teacher) / "architecture.yaml"), trust_custom_code=trust)
+    attn = [i for i, s in enumerate(patterns.to_primary(teacher.model.pattern)) if s == "A"]
+    st = space.student
+    limit = f"keep {st.keep}" if st.keep is not None else ""
+    if st.budget is not None:
+        b = st.budget
+        limit += (", " if limit else "") + (f"state_bytes {b.state_bytes:g}" if b.state_bytes is not None
+                                            else f"decode_ms {b.decode_ms:g}")
+    print(f"{path}: OK (a distill-search file)")
+    print(f"  teacher {space.teacher}: pattern {teacher.model.pattern!r}, attention at {attn}")
+    print(f"  student {st.symbol} ({st.init} init), {limit}, select {space.select}, compare "
+          f"{', '.join(space.compare) or 'nothing'}; {len(attn) + 1} scoring runs of {space.distill.score_steps} "
+          f"steps, {(1 + len(space.compare)) * len(space.distill.seeds)} final runs of {space.distill.final_steps}")
 
 
 def _fmt_values(values) -> str:

@@ -267,3 +267,29 @@ def test_bad_space_is_one_line(case, field, teacher_dir, corpus, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert err[0].startswith(f"error: {space}:") and f" {field}:" in err[0], err[0]
+
+
+def test_validate_checks_a_distill_file(teacher_dir, corpus, tmp_path, capsys):
+    space = _space(tmp_path, teacher_dir, corpus)
+    assert main(["validate", space]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"{space}: OK" in out and "distill-search" in out and "attention at [0, 2, 4]" in out
+    bad = _space(tmp_path, teacher_dir, corpus, student="{symbol: M, keep: 3}")
+    assert main(["validate", bad]) == 2
+    assert " student.keep: " in capsys.readouterr().err
+
+
+def test_shipped_example_reads(teacher_dir, corpus, tmp_path):
+    from hybridnas.config import load_distill_space
+
+    root = Path(__file__).resolve().parents[1] / "search_spaces"
+    text = (root / "distill_example.yaml").read_text(encoding="utf-8")
+    assert "teacher: runs/distill_teacher" in text and "path: runs/stdlib.txt" in text
+    text = text.replace("runs/distill_teacher", str(teacher_dir)).replace("runs/stdlib.txt", str(corpus))
+    text = text.replace("d_state: 32, headdim: 32", "d_state: 16, headdim: 16")  # the tiny teacher's heads are 16
+    path = tmp_path / "example.yaml"
+    path.write_text(text, encoding="utf-8")
+    space = load_distill_space(str(path))
+    assert space.student.keep == 2 and space.distill.seeds == [0, 1, 2] and space.compare == ["even", "random"]
+    arch = (root / "distill_teacher.yaml").read_text(encoding="utf-8")
+    assert "pattern: (A-)x4" in arch and "path: runs/stdlib.txt" in arch

@@ -410,7 +410,7 @@ def score_layers(study: optuna.Study, teacher: HybridLM, data, student: StudentS
     kls: dict[int | None, float] = {}
     for restored in [None, *attention_positions(teacher.cfg)]:
         label = "score all-linear" if restored is None else f"score restore {restored}"
-        key = f"score:{'none' if restored is None else restored}:{fp}"
+        key = f"score:{'none' if restored is None else restored}:{seed}:{fp}"
 
         def run(trial, restored=restored, label=label, key=key):
             model, notes = build_student(teacher, [] if restored is None else [restored], student.symbol, params,

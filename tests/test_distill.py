@@ -293,3 +293,22 @@ def test_shipped_example_reads(teacher_dir, corpus, tmp_path):
     assert space.student.keep == 2 and space.distill.seeds == [0, 1, 2] and space.compare == ["even", "random"]
     arch = (root / "distill_teacher.yaml").read_text(encoding="utf-8")
     assert "pattern: (A-)x4" in arch and "path: runs/stdlib.txt" in arch
+
+
+def test_scoring_is_keyed_by_its_seed(teacher_dir, data, tmp_path, monkeypatch):
+    teacher = build_model(teacher_dir)
+    storage = f"sqlite:///{tmp_path}/study.db"
+    student = distill.StudentSpec(symbol="M", layers={"M": M2}, keep=1)
+    quiet = lambda *a, **k: None  # noqa: E731
+    distill.score_layers(distill.open_study("s", storage), teacher, data, student, _settings(score_steps=1),
+                         log=quiet)
+    runs = []
+    real = distill.train_student
+    monkeypatch.setattr(distill, "train_student", lambda *a, **kw: runs.append(1) or real(*a, **kw))
+    # keep and the later seeds do not change a scoring run; the first seed does
+    distill.score_layers(distill.open_study("s", storage), teacher, data, distill.StudentSpec("M", {"M": M2}, 2),
+                         _settings(score_steps=1, seeds=[0, 5]), log=quiet)
+    assert runs == []
+    distill.score_layers(distill.open_study("s", storage), teacher, data, student,
+                         _settings(score_steps=1, seeds=[5]), log=quiet)
+    assert len(runs) == 4

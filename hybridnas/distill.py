@@ -272,6 +272,32 @@ class Evaluator:
         return {"kl": kl / self.tokens, "loss": loss, "bits_per_byte": self.bpb(loss)}
 
 
+class TeacherTargets:
+    """The teacher's log-probabilities of one seed's training batches, kept for the next run on the same seed: the
+    scoring runs all share the first seed, and the final runs of every placement share theirs, so the teacher runs
+    once per batch, not once per run. Up to ``max_bytes`` (the first steps); later steps, a batch that differs from
+    the one kept, or another seed are computed afresh."""
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = max_bytes
+        self.seed: int | None = None
+        self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # (inputs, log-probs) per step
+        self.bytes = 0
+
+    @torch.no_grad()
+    def __call__(self, teacher: HybridLM, seed: int, step: int, x: torch.Tensor) -> torch.Tensor:
+        if seed != self.seed:
+            self.seed, self.kept, self.bytes = seed, [], 0
+        if step < len(self.kept) and torch.equal(self.kept[step][0], x):
+            return self.kept[step][1]
+        logp = F.log_softmax(teacher(x).float(), -1)
+        size = logp.numel() * logp.element_size() + x.numel() * x.element_size()
+        if step == len(self.kept) and self.bytes + size <= self.max_bytes:
+            self.kept.append((x, logp))
+            self.bytes += size
+        return logp
+
+
 def _lr(step: int, settings: DistillSettings, tc: TrainConfig) -> float:
     if settings.schedule == "cosine":
         return lr_at(step, tc)
@@ -281,10 +307,11 @@ def _lr(step: int, settings: DistillSettings, tc: TrainConfig) -> float:
 
 
 def train_student(student: HybridLM, teacher: HybridLM, data, settings: DistillSettings, *, steps: int, seed: int,
-                  evaluator: Evaluator | None = None, label: str = "", log: Log | None = None) -> dict[str, Any]:
+                  evaluator: Evaluator | None = None, targets: TeacherTargets | None = None, label: str = "",
+                  log: Log | None = None) -> dict[str, Any]:
     """Distil ``student`` from ``teacher`` for ``steps`` (see the module docstring); return the held-out metrics
     (with ``evaluator``), ``train_loss`` (the last step's), ``steps`` and ``seconds``. A non-finite loss stops the
-    run (``stop_reason: nan``)."""
+    run (``stop_reason: nan``). ``targets``: the teacher's log-probabilities kept across runs of the same seed."""
     device = student.embed.weight.device
     torch.manual_seed(seed)
     tc = TrainConfig(steps=steps, lr=settings.lr, weight_decay=settings.weight_decay, beta1=settings.beta1,
@@ -306,7 +333,7 @@ def train_student(student: HybridLM, teacher: HybridLM, data, settings: DistillS
             group["lr"] = lr
         x, y = next(batches)
         with torch.no_grad():
-            t_logp = F.log_softmax(teacher(x).float(), -1)
+            t_logp = targets(teacher, seed, step, x) if targets is not None else F.log_softmax(teacher(x).float(), -1)
             t_p = t_logp.exp()
         s_logp = F.log_softmax(student(x).float(), -1)
         loss = kl_w * _kl(t_logp, t_p, s_logp).mean()
@@ -355,9 +382,9 @@ def open_study(name: str, storage: str) -> optuna.Study:
 
 def fingerprint(student: StudentSpec, settings: DistillSettings, steps: int, extra: dict[str, Any] | None) -> str:
     """Hash of everything a distillation run depends on besides its placement and seed (not the device, the
-    threads, keep or the budget)."""
+    threads, the teacher cache, keep or the budget)."""
     s = {k: v for k, v in asdict(settings).items()
-         if k not in ("score_steps", "final_steps", "seeds", "device", "threads")}
+         if k not in ("score_steps", "final_steps", "seeds", "device", "threads", "teacher_cache_mb")}
     payload = {"symbol": registry.primary(student.symbol), "layers": student.layers, "init": student.init,
                "freeze": sorted(student.freeze), "settings": s, "steps": steps, "extra": extra or {}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -406,6 +433,7 @@ def score_layers(study: optuna.Study, teacher: HybridLM, data, student: StudentS
     evaluator = evaluator or Evaluator(teacher, data, settings)
     fp = fingerprint(student, settings, settings.score_steps, extra)
     seed = settings.seeds[0]
+    targets = TeacherTargets(settings.teacher_cache_mb << 20)
     params = _params(student)
     kls: dict[int | None, float] = {}
     for restored in [None, *attention_positions(teacher.cfg)]:
@@ -416,7 +444,7 @@ def score_layers(study: optuna.Study, teacher: HybridLM, data, student: StudentS
             model, notes = build_student(teacher, [] if restored is None else [restored], student.symbol, params,
                                          init=student.init, seed=seed, freeze=student.freeze)
             out = train_student(model, teacher, data, settings, steps=settings.score_steps, seed=seed,
-                                evaluator=evaluator, label=label, log=log)
+                                evaluator=evaluator, targets=targets, label=label, log=log)
             return {**out, "init": notes}
 
         result, ran = run_trial(study, key, {"stage": "score", "restored": restored, "seed": seed}, run)
@@ -517,27 +545,28 @@ def final_stage(study: optuna.Study, teacher: HybridLM, data, student: StudentSp
     evaluator = evaluator or Evaluator(teacher, data, settings)
     fp = fingerprint(student, settings, settings.final_steps, extra)
     params = _params(student)
-    out: dict[str, dict[int, dict[str, Any]]] = {}
-    for name, by_seed in plan.items():
-        out[name] = {}
-        for seed, keep in by_seed.items():
-            key = f"final:{','.join(map(str, keep)) or 'none'}:{seed}:{fp}"
-            label = f"final {PLACEMENT_NAMES.get(name, name)} {keep} seed {seed}"
-            folder = Path(weights_root) / key.replace(":", "-").replace(",", "_")
+    out: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in plan}
+    targets = TeacherTargets(settings.teacher_cache_mb << 20)
+    seeds = list(dict.fromkeys(seed for by_seed in plan.values() for seed in by_seed))
+    for seed, name in ((seed, name) for seed in seeds for name in plan if seed in plan[name]):  # seed by seed
+        keep = plan[name][seed]
+        key = f"final:{','.join(map(str, keep)) or 'none'}:{seed}:{fp}"
+        label = f"final {PLACEMENT_NAMES.get(name, name)} {keep} seed {seed}"
+        folder = Path(weights_root) / key.replace(":", "-").replace(",", "_")
 
-            def run(trial, keep=keep, seed=seed, label=label, folder=folder):
-                model, _ = build_student(teacher, keep, student.symbol, params, init=student.init, seed=seed,
-                                         freeze=student.freeze)
-                res = train_student(model, teacher, data, settings, steps=settings.final_steps, seed=seed,
-                                    evaluator=evaluator, label=label, log=log)
-                save_checkpoint(folder, arch_for(keep), model.to("cpu"))
-                return {**res, "weights": str(folder)}
+        def run(trial, keep=keep, seed=seed, label=label, folder=folder):
+            model, _ = build_student(teacher, keep, student.symbol, params, init=student.init, seed=seed,
+                                     freeze=student.freeze)
+            res = train_student(model, teacher, data, settings, steps=settings.final_steps, seed=seed,
+                                evaluator=evaluator, targets=targets, label=label, log=log)
+            save_checkpoint(folder, arch_for(keep), model.to("cpu"))
+            return {**res, "weights": str(folder)}
 
-            result, ran = run_trial(study, key, {"stage": "final", "placement": name, "keep": keep, "seed": seed},
-                                    run)
-            if not ran:
-                log(f"{label}: done before (held-out bpb {result['bits_per_byte']:.4f})", flush=True)
-            out[name][seed] = {**result, "keep": keep}
+        result, ran = run_trial(study, key, {"stage": "final", "placement": name, "keep": keep, "seed": seed},
+                                run)
+        if not ran:
+            log(f"{label}: done before (held-out bpb {result['bits_per_byte']:.4f})", flush=True)
+        out[name][seed] = {**result, "keep": keep}
     return out
 
 

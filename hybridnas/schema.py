@@ -355,6 +355,8 @@ class DistillSettings:
     eval_tokens: Annotated[int, Positive, Le(2 ** 31)] = 65536
     device: Annotated[str, Predicate(device_name)] = "auto"
     threads: Annotated[int, Ge(1), Le(4096)] | None = None
+    # the teacher's log-probabilities of one seed's batches kept for the next run on that seed (MiB; 0: none)
+    teacher_cache_mb: Annotated[int, NonNegative, Le(2 ** 24)] = 1024
 
 
 @dataclass

@@ -312,3 +312,47 @@ def test_scoring_is_keyed_by_its_seed(teacher_dir, data, tmp_path, monkeypatch):
     distill.score_layers(distill.open_study("s", storage), teacher, data, student,
                          _settings(score_steps=1, seeds=[5]), log=quiet)
     assert len(runs) == 4
+
+
+def test_teacher_targets_are_computed_once_per_batch_across_runs(teacher_dir, data, monkeypatch):
+    teacher = build_model(teacher_dir)
+    calls = []
+    real_forward = teacher.forward
+    monkeypatch.setattr(teacher, "forward", lambda x: calls.append(1) or real_forward(x))
+    results = []
+    targets = distill.TeacherTargets(max_bytes=1 << 30)
+    for _ in range(2):
+        student, _ = distill.build_student(teacher, [2], "M", M2, seed=0)
+        results.append(distill.train_student(student, teacher, data, _settings(), steps=5, seed=0, targets=targets))
+    assert len(calls) == 5  # the second run on the same seed reads the first one's
+    student, _ = distill.build_student(teacher, [2], "M", M2, seed=0)
+    plain = distill.train_student(student, teacher, data, _settings(), steps=5, seed=0)
+    assert results[0]["train_loss"] == results[1]["train_loss"] == plain["train_loss"]
+    # a cap keeps what fits and computes the rest each time; another seed starts afresh
+    calls.clear()
+    small = distill.TeacherTargets(max_bytes=2 * (4 * 32 * 257 * 4 + 4 * 32 * 8))  # two batches: log-probs, ids
+    for seed in (0, 0, 1):
+        student, _ = distill.build_student(teacher, [2], "M", M2, seed=0)
+        distill.train_student(student, teacher, data, _settings(), steps=5, seed=seed, targets=small)
+    assert len(calls) == 5 + 3 + 5
+
+
+def test_scoring_and_final_runs_share_the_teacher_targets(teacher_dir, data, tmp_path, monkeypatch):
+    teacher = build_model(teacher_dir)
+    settings = _settings(score_steps=3, final_steps=2, seeds=[0, 1])
+    ev = distill.Evaluator(teacher, data, settings)
+    calls = []
+    real_forward = teacher.forward
+    monkeypatch.setattr(teacher, "forward", lambda x: calls.append(1) or real_forward(x))
+    study = distill.open_study("s", f"sqlite:///{tmp_path}/study.db")
+    student = distill.StudentSpec(symbol="M", layers={"M": M2}, keep=1)
+    quiet = lambda *a, **k: None  # noqa: E731
+    distill.score_layers(study, teacher, data, student, settings, evaluator=ev, log=quiet)
+    assert len(calls) == 3  # 4 runs of 3 steps, one seed
+    calls.clear()
+    plan = distill.placements([2], [0, 2, 4], ["even", "random"], [0, 1])
+    arch = lambda keep: ArchConfig(distill.student_config(teacher.cfg, keep, "M", M2), TaskSpec("lm", {}),  # noqa: E731
+                                   TrainConfig())
+    distill.final_stage(study, teacher, data, student, settings, plan, tmp_path / "runs", arch, evaluator=ev,
+                        log=quiet)
+    assert len(calls) == 2 * 2  # every placement of a seed reads the same 2 batches

@@ -64,7 +64,16 @@ import torch.nn.functional as F
 from hybridnas import patterns, registry
 from hybridnas.checkpoint import WEIGHTS_FILE, load_weights_into, save_checkpoint
 from hybridnas.model import HybridLM
-from hybridnas.schema import ArchConfig, DistillSettings, DistillSpace, ModelConfig, StudentSpec, TaskSpec, TrainConfig
+from hybridnas.schema import (  # noqa: F401 (DistillBudget re-exported with StudentSpec)
+    ArchConfig,
+    DistillBudget,
+    DistillSettings,
+    DistillSpace,
+    ModelConfig,
+    StudentSpec,
+    TaskSpec,
+    TrainConfig,
+)
 from hybridnas.storage import dead_local_trials, make_storage, record_process, storage_errors
 from hybridnas.train import lr_at, make_optimizer, resolve_device
 from hybridnas.yamlio import atomic_write_text, write_json

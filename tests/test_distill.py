@@ -356,3 +356,55 @@ def test_scoring_and_final_runs_share_the_teacher_targets(teacher_dir, data, tmp
     distill.final_stage(study, teacher, data, student, settings, plan, tmp_path / "runs", arch, evaluator=ev,
                         log=quiet)
     assert len(calls) == 2 * 2  # every placement of a seed reads the same 2 batches
+
+
+def test_a_symbol_without_a_mapping_starts_from_its_own_init(teacher_dir):
+    teacher = build_model(teacher_dir)
+    student, notes = distill.build_student(teacher, [2], "H", {}, init="teacher", seed=0)
+    assert "no mapping" in notes["H"]["not_copied"][0] and notes["H"]["copied"] == []
+    assert student.cfg.pattern == "HFAFHF"
+    assert torch.isfinite(student(torch.randint(0, 257, (1, 8)))).all()
+
+
+def test_ce_weight_adds_cross_entropy(teacher_dir, data):
+    teacher = build_model(teacher_dir)
+    losses = []
+    for ce in (0.0, 1.0):
+        student, _ = distill.build_student(teacher, [2], "M", M2, seed=0)
+        losses.append(distill.train_student(student, teacher, data, _settings(ce_weight=ce), steps=1,
+                                            seed=0)["train_loss"])
+    assert losses[1] > losses[0] + 1.0  # a random teacher: cross-entropy near ln 257, KL near 0
+
+
+def test_budget_goes_through_distill_select(teacher_dir, monkeypatch):
+    import sys
+    import types
+
+    calls = {}
+    fake = types.ModuleType("hybridnas.distill_select")
+
+    def layer_costs(cfg, positions, symbol, params, metric, seq_len):
+        calls["costs"] = (positions, symbol, params, metric, seq_len)
+        return [1.0, 2.0, 3.0]
+
+    def kept_budget(total, cfg, positions, symbol, params, seq_len):
+        calls["kept"] = (total, positions, seq_len)
+        return 4.0
+
+    def select_layers(scores, k, costs, budget, method):
+        calls["select"] = (scores, k, costs, budget, method)
+        return [0, 2]
+
+    fake.layer_costs, fake.kept_budget, fake.select_layers = layer_costs, kept_budget, select_layers
+    monkeypatch.setitem(sys.modules, "hybridnas.distill_select", fake)
+    teacher = build_model(teacher_dir)
+    budget = distill.DistillBudget(state_bytes=1e6, seq_len=4096)
+    student = distill.StudentSpec(symbol="M", layers={"M": M2}, keep=None, budget=budget)
+    chosen = distill.select({0: 0.5, 2: 0.1, 4: 0.3}, student, teacher.cfg, _settings(), "greedy")
+    assert chosen == [0, 4]
+    assert calls["costs"] == ([0, 2, 4], "M", M2, "state_bytes", 4096)
+    assert calls["kept"] == (1e6, [0, 2, 4], 4096)
+    assert calls["select"] == ([0.5, 0.1, 0.3], None, [1.0, 2.0, 3.0], 4.0, "greedy")
+    student.budget = distill.DistillBudget(decode_ms=0.25)
+    distill.select({0: 0.5, 2: 0.1, 4: 0.3}, student, teacher.cfg, _settings(seq_len=64), "milp")
+    assert calls["costs"][3:] == ("decode_ms", 64) and calls["select"][3] == 0.25

@@ -61,7 +61,7 @@ import optuna
 import torch
 import torch.nn.functional as F
 
-from hybridnas import patterns, registry
+from hybridnas import distill_select, patterns, registry
 from hybridnas.checkpoint import WEIGHTS_FILE, load_weights_into, save_checkpoint
 from hybridnas.model import HybridLM
 from hybridnas.schema import (  # noqa: F401 (DistillBudget re-exported with StudentSpec)
@@ -491,28 +491,14 @@ def _params(student: StudentSpec) -> dict[str, Any]:
     return dict(student.layers.get(student.symbol) or next(iter(student.layers.values()), None) or {})
 
 
-def _topk_fallback(scores: list[float], k: int | None, costs: list[float] | None = None,
-                   budget: float | None = None, method: str = "milp") -> list[int]:
-    # TEMPORARY, for this branch's tests only until hybridnas/distill_select.py is merged: the k best scores, no budget
-    if budget is not None or k is None:
-        raise ValueError("a budget needs hybridnas.distill_select, which this installation lacks")
-    return sorted(sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k])
-
-
 def select(utilities: dict[int, float], student: StudentSpec, teacher_cfg: ModelConfig, settings: DistillSettings,
            method: str) -> list[int]:
     """The attention positions to keep: ``keep`` of them and/or within the budget, most utility first."""
-    try:
-        from hybridnas import distill_select
-    except ImportError:  # TEMPORARY (see _topk_fallback)
-        distill_select = None
     positions = sorted(utilities)
     scores = [utilities[p] for p in positions]
     costs = budget = None
     params = _params(student)
     if student.budget is not None:
-        if distill_select is None:
-            raise ValueError("student.budget needs hybridnas.distill_select, which this installation lacks")
         b = student.budget
         seq_len = b.seq_len or settings.seq_len
         metric = "state_bytes" if b.state_bytes is not None else "decode_ms"
@@ -523,8 +509,7 @@ def select(utilities: dict[int, float], student: StudentSpec, teacher_cfg: Model
                                                 registry.primary(student.symbol), params, seq_len)
         else:  # decode milliseconds the kept attention may add over the all-student model
             budget = b.decode_ms
-    chooser = distill_select.select_layers if distill_select is not None else _topk_fallback
-    chosen = chooser(scores, student.keep, costs, budget, method)
+    chosen = distill_select.select_layers(scores, student.keep, costs, budget, method)
     return [positions[i] for i in chosen]
 
 
@@ -545,8 +530,8 @@ def placements(selected: list[int], attn: list[int], compare: list[str], seeds: 
 
 
 def final_stage(study: optuna.Study, teacher: HybridLM, data, student: StudentSpec, settings: DistillSettings,
-                plan: dict[str, dict[int, list[int]]], weights_root: str | Path, arch_for: Callable[[list[int]],
-                                                                                                     ArchConfig], *,
+                plan: dict[str, dict[int, list[int]]], weights_root: str | Path,
+                arch_for: Callable[[list[int], int], ArchConfig], *,
                 evaluator: Evaluator | None = None, extra: dict[str, Any] | None = None,
                 log: Log = print) -> dict[str, dict[int, dict[str, Any]]]:
     """Distil every placement of ``plan`` for ``final_steps`` (one trial each; a placement equal to another's at the
@@ -568,7 +553,7 @@ def final_stage(study: optuna.Study, teacher: HybridLM, data, student: StudentSp
                                      freeze=student.freeze)
             res = train_student(model, teacher, data, settings, steps=settings.final_steps, seed=seed,
                                 evaluator=evaluator, targets=targets, label=label, log=log)
-            save_checkpoint(folder, arch_for(keep), model.to("cpu"))
+            save_checkpoint(folder, arch_for(keep, seed), model.to("cpu"))
             return {**res, "weights": str(folder)}
 
         result, ran = run_trial(study, key, {"stage": "final", "placement": name, "keep": keep, "seed": seed},
@@ -632,11 +617,6 @@ def run_distill_search(space: DistillSpace, out_dir: str | Path, *, storage: str
 
     out = Path(out_dir)
     settings = space.distill
-    if space.student.budget is not None:
-        try:
-            from hybridnas import distill_select  # noqa: F401
-        except ImportError:  # TEMPORARY (see _topk_fallback): said before any run, not after the scoring
-            raise ValueError("student.budget needs hybridnas.distill_select, which this installation lacks") from None
     out.mkdir(parents=True, exist_ok=True)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
@@ -654,17 +634,20 @@ def run_distill_search(space: DistillSpace, out_dir: str | Path, *, storage: str
     for sym, n in notes.items():
         log(f"init of {sym} from attention: copied {'; '.join(n['copied']) or 'nothing'}; not copied "
             f"{'; '.join(n['not_copied'])}", flush=True)
+    if space.student.budget is not None:  # a budget no choice fits: said now, not after the scoring
+        select({p: 0.0 for p in attention_positions(teacher.cfg)}, space.student, teacher.cfg, settings, space.select)
     utilities = score_layers(study, teacher, data, space.student, settings, evaluator=evaluator, extra=extra, log=log)
     selected = select(utilities, space.student, teacher.cfg, settings, space.select)
     log(f"selected attention layers {selected} (utilities "
         + ", ".join(f"{k}: {v:.4f}" for k, v in sorted(utilities.items())) + ")", flush=True)
     params = _params(space.student)
 
-    def arch_for(keep: list[int]) -> ArchConfig:
+    def arch_for(keep: list[int], seed: int | None = None) -> ArchConfig:
         cfg = student_config(teacher.cfg, keep, space.student.symbol, params)
         train = TrainConfig(steps=settings.final_steps, batch_size=settings.batch_size, lr=settings.lr,
                             weight_decay=settings.weight_decay, beta1=settings.beta1, beta2=settings.beta2,
-                            warmup_steps=settings.warmup_steps, grad_clip=settings.grad_clip, seed=settings.seeds[0])
+                            warmup_steps=settings.warmup_steps, grad_clip=settings.grad_clip,
+                            seed=settings.seeds[0] if seed is None else seed)
         return ArchConfig(cfg, TaskSpec("lm", dict(space.data)), train, name=space.name)
 
     plan = placements(selected, attention_positions(teacher.cfg), space.compare, settings.seeds)
@@ -672,8 +655,8 @@ def run_distill_search(space: DistillSpace, out_dir: str | Path, *, storage: str
                           evaluator=evaluator, extra=extra, log=log)
     md, js = report(space, evaluator, utilities, selected, results, scoring_minutes(study), notes)
     best_seed = min(results["kl"], key=lambda s: results["kl"][s]["bits_per_byte"])
-    export = _export(out / "export", arch_for(selected), results["kl"][best_seed], teacher, data, space, params,
-                     evaluator, log)
+    export = _export(out / "export", arch_for(selected, best_seed), results["kl"][best_seed], teacher, data, space,
+                     params, evaluator, log)
     js["export"] = {"folder": str(export), "seed": best_seed}
     md += f"Exported: the KL-selected student of seed {best_seed} to `{export}`.\n"
     atomic_write_text(out / "report.md", md)
@@ -685,7 +668,8 @@ def run_distill_search(space: DistillSpace, out_dir: str | Path, *, storage: str
 def _export(folder: Path, arch: ArchConfig, result: dict[str, Any], teacher: HybridLM, data, space: DistillSpace,
             params: dict[str, Any], evaluator: Evaluator, log: Log) -> Path:
     """The KL-selected student as a normal hybridnas export (architecture.yaml, config.json, model.safetensors,
-    tokenizer, README.md): from its run's weights, or distilled again when they are not on this machine."""
+    tokenizer, README.md, distill.json): from its run's weights, or distilled again (its seed is ``arch.train``'s)
+    when they are not on this machine."""
     model = HybridLM(arch.model)
     weights = Path(result.get("weights", ""))
     if (weights / WEIGHTS_FILE).exists():
@@ -707,4 +691,7 @@ def _export(folder: Path, arch: ArchConfig, result: dict[str, Any], teacher: Hyb
             f"- pattern: `{arch.model.pattern}`", f"- teacher held-out bits per byte: {evaluator.teacher_bpb:.4f}",
             *(f"- held-out {k}: {v:.4f}" for k, v in metrics.items() if k in ("kl", "bits_per_byte")), ""]
     atomic_write_text(folder / "README.md", "\n".join(card))
+    write_json(folder / "distill.json", {"teacher": space.teacher, "keep": result["keep"], "seed": arch.train.seed,
+                                         "teacher_bits_per_byte": evaluator.teacher_bpb,
+                                         **{k: metrics[k] for k in ("kl", "loss", "bits_per_byte")}})
     return folder

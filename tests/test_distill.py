@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -225,6 +226,17 @@ def test_cli_end_to_end_resumes_and_exports(teacher_dir, corpus, tmp_path, monke
     assert main(["generate", str(out / "export"), "--prompt", "the cat", "--max-new-tokens", "4",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out.strip()
+    # the runs' weights gone (another machine's study): the export distils the best seed's run again, same numbers
+    seed = report["export"]["seed"]
+    first = json.loads((out / "export" / "distill.json").read_text())
+    assert first["seed"] == seed and first["keep"] == report["selected"]
+    assert first["bits_per_byte"] == report["placements"]["kl"]["bits_per_byte"][report["seeds"].index(seed)]
+    shutil.rmtree(out / "runs")
+    shutil.rmtree(out / "export")
+    assert main(["distill-search", space, "--out", str(out)]) == 0
+    assert runs == [1]
+    again = json.loads((out / "export" / "distill.json").read_text())
+    assert again["seed"] == seed and again["bits_per_byte"] == pytest.approx(first["bits_per_byte"], rel=1e-6)
 
 
 @pytest.mark.parametrize("case, field", [
@@ -351,7 +363,7 @@ def test_scoring_and_final_runs_share_the_teacher_targets(teacher_dir, data, tmp
     assert len(calls) == 3  # 4 runs of 3 steps, one seed
     calls.clear()
     plan = distill.placements([2], [0, 2, 4], ["even", "random"], [0, 1])
-    arch = lambda keep: ArchConfig(distill.student_config(teacher.cfg, keep, "M", M2), TaskSpec("lm", {}),  # noqa: E731
+    arch = lambda keep, seed: ArchConfig(distill.student_config(teacher.cfg, keep, "M", M2), TaskSpec("lm", {}),  # noqa: E731
                                    TrainConfig())
     distill.final_stage(study, teacher, data, student, settings, plan, tmp_path / "runs", arch, evaluator=ev,
                         log=quiet)
@@ -377,11 +389,9 @@ def test_ce_weight_adds_cross_entropy(teacher_dir, data):
 
 
 def test_budget_goes_through_distill_select(teacher_dir, monkeypatch):
-    import sys
-    import types
+    from hybridnas import distill_select
 
     calls = {}
-    fake = types.ModuleType("hybridnas.distill_select")
 
     def layer_costs(cfg, positions, symbol, params, metric, seq_len):
         calls["costs"] = (positions, symbol, params, metric, seq_len)
@@ -395,8 +405,8 @@ def test_budget_goes_through_distill_select(teacher_dir, monkeypatch):
         calls["select"] = (scores, k, costs, budget, method)
         return [0, 2]
 
-    fake.layer_costs, fake.kept_budget, fake.select_layers = layer_costs, kept_budget, select_layers
-    monkeypatch.setitem(sys.modules, "hybridnas.distill_select", fake)
+    for name, fn in (("layer_costs", layer_costs), ("kept_budget", kept_budget), ("select_layers", select_layers)):
+        monkeypatch.setattr(distill_select, name, fn)
     teacher = build_model(teacher_dir)
     budget = distill.DistillBudget(state_bytes=1e6, seq_len=4096)
     student = distill.StudentSpec(symbol="M", layers={"M": M2}, keep=None, budget=budget)
@@ -408,3 +418,30 @@ def test_budget_goes_through_distill_select(teacher_dir, monkeypatch):
     student.budget = distill.DistillBudget(decode_ms=0.25)
     distill.select({0: 0.5, 2: 0.1, 4: 0.3}, student, teacher.cfg, _settings(seq_len=64), "milp")
     assert calls["costs"][3:] == ("decode_ms", 64) and calls["select"][3] == 0.25
+
+
+def test_a_state_budget_keeps_what_fits(teacher_dir):
+    from hybridnas.distill_select import base_cost, layer_costs
+
+    teacher = build_model(teacher_dir)
+    attn = [0, 2, 4]
+    one = layer_costs(teacher.cfg, attn, "M", M2, "state_bytes", 4096)[0]
+    total = base_cost(teacher.cfg, attn, "M", M2, 4096) + 1.5 * one  # room for one attention layer's KV cache
+    student = distill.StudentSpec(symbol="M", layers={"M": M2}, budget=distill.DistillBudget(state_bytes=total,
+                                                                                            seq_len=4096))
+    assert distill.select({0: 0.1, 2: 0.3, 4: 0.2}, student, teacher.cfg, _settings(), "milp") == [2]
+    student.keep = 2
+    with pytest.raises(ValueError, match="budget"):
+        distill.select({0: 0.1, 2: 0.3, 4: 0.2}, student, teacher.cfg, _settings(), "milp")
+
+
+def test_a_budget_nothing_fits_is_refused_before_any_run(teacher_dir, corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    runs = []
+    monkeypatch.setattr(distill, "train_student", lambda *a, **kw: runs.append(1))
+    student = ("{symbol: M, layers: {M: {variant: mamba2, d_state: 16, headdim: 16, expand: 1}}, keep: 1, "
+               "budget: {state_bytes: 1000, seq_len: 4096}}")
+    space = _space(tmp_path, teacher_dir, corpus, student=student)
+    assert main(["distill-search", space, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "budget" in err[0] and runs == []

@@ -132,11 +132,11 @@ def _is_distill_file(path: str) -> bool:
 
 def _validate_distill(path: str, trust: bool) -> None:
     from hybridnas import patterns
-    from hybridnas.config import load_arch, load_distill_space
+    from hybridnas.config import load_distill_space
 
     space = load_distill_space(path, trust_custom_code=trust)
-    teacher = load_arch(str(Path(space.teacher) / "architecture.yaml"), trust_custom_code=trust)
-    attn = [i for i, s in enumerate(patterns.to_primary(teacher.model.pattern)) if s == "A"]
+    pattern = space.teacher_pattern
+    attn = [i for i, s in enumerate(patterns.to_primary(pattern)) if s == "A"]
     st = space.student
     limit = f"keep {st.keep}" if st.keep is not None else ""
     if st.budget is not None:
@@ -144,7 +144,7 @@ def _validate_distill(path: str, trust: bool) -> None:
         limit += (", " if limit else "") + (f"state_bytes {b.state_bytes:g}" if b.state_bytes is not None
                                             else f"decode_ms {b.decode_ms:g}")
     print(f"{path}: OK (a distill-search file)")
-    print(f"  teacher {space.teacher}: pattern {teacher.model.pattern!r}, attention at {attn}")
+    print(f"  teacher {space.teacher}: pattern {pattern!r}, attention at {attn}")
     print(f"  student {st.symbol} ({st.init} init), {limit}, select {space.select}, compare "
           f"{', '.join(space.compare) or 'nothing'}; {len(attn) + 1} scoring runs of {space.distill.score_steps} "
           f"steps, {(1 + len(space.compare)) * len(space.distill.seeds)} final runs of {space.distill.final_steps}")

@@ -566,6 +566,8 @@ def _distill_teacher(value: Any, src: Source, trust_custom_code: Trust) -> tuple
     arch_file = os.path.join(folder, "architecture.yaml")
     if not os.path.isdir(folder):
         raise src.error(("teacher",), f"no such folder: {folder}")
+    if not os.path.isfile(arch_file) and os.path.isfile(os.path.join(folder, "config.json")):
+        return folder, _hf_teacher_arch(folder, src)
     for needed in ("architecture.yaml", "model.safetensors"):
         if not os.path.isfile(os.path.join(folder, needed)):
             raise src.error(("teacher",), f"{folder} has no {needed}: not a hybridnas model folder (train one with "
@@ -581,6 +583,39 @@ def _distill_teacher(value: Any, src: Source, trust_custom_code: Trust) -> tuple
         raise src.error(("teacher",), f"the teacher's pattern {arch.model.pattern!r} has no attention layer (A): "
                                       "nothing to replace or keep")
     return folder, arch
+
+
+#: the Hugging Face model types :mod:`hybridnas.hf_teacher` converts into hybridnas blocks (its LLAMA_FAMILY; not
+#: imported: it imports checkpoint, which imports this module)
+HF_BLOCK_TYPES = ("llama", "mistral", "qwen2")
+
+
+def _hf_teacher_arch(folder: str, src: Source) -> ArchConfig:
+    """What a Hugging Face teacher folder's config.json says of the model it converts into: ``(AF)xL`` at
+    ``hidden_size`` over ``vocab_size`` (the weights are read by :func:`hybridnas.hf_teacher.load_hf_teacher` when
+    the search runs)."""
+    import json
+    import os
+
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise src.error(("teacher",), f"cannot read {path}: {e}") from None
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    if kind not in HF_BLOCK_TYPES:
+        raise src.error(("teacher",), f"{folder} is a Hugging Face model of type {kind!r}: distill-search copies "
+                                      f"attention and MLP blocks, which it can from {', '.join(HF_BLOCK_TYPES)} "
+                                      "folders or a hybridnas model folder")
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    try:
+        n, d, vocab = int(text["num_hidden_layers"]), int(text["hidden_size"]), int(text["vocab_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise src.error(("teacher",), f"{path} lacks a usable {e} (num_hidden_layers, hidden_size, vocab_size)"
+                        ) from None
+    model = ModelConfig(vocab_size=vocab, d_model=d, pattern=f"(AF)x{n}")
+    return ArchConfig(model, TaskSpec("hf", {}), TrainConfig(), name=kind)
 
 
 def _distill_student(data: Any, src: Source, teacher: ArchConfig | None) -> Any:
@@ -723,4 +758,5 @@ def load_distill_space(path: str, *, trust_custom_code: Trust = False) -> Any:
     with errors.guard():
         select = check_value(data.get("select", select), typing.Literal[SELECT_METHODS], ("select",), src)
     errors.raise_if_any()
-    return DistillSpace(name, folder, student, settings, corpus, list(dict.fromkeys(compare)), select, src, text)
+    return DistillSpace(name, folder, student, settings, corpus, list(dict.fromkeys(compare)), select, src, text,
+                        teacher.model.pattern)

@@ -610,18 +610,32 @@ def report(space: DistillSpace, evaluator: Evaluator, utilities: dict[int, float
 # ---------------------------------------------------------------------------------------------- the command
 
 
+def load_teacher(folder: str | Path, *, trust_custom_code: bool = False) -> HybridLM:
+    """The teacher as a :class:`HybridLM`: a hybridnas model folder, or a Hugging Face Llama/Mistral/Qwen2 folder
+    converted exactly into ``(AF)xL`` blocks (:mod:`hybridnas.hf_teacher`; needs the ``hf`` extra)."""
+    from hybridnas.checkpoint import ARCH_FILE, build_model
+
+    if (Path(folder) / ARCH_FILE).is_file():
+        return build_model(folder, trust_custom_code=trust_custom_code)
+    from hybridnas.hf_teacher import load_hf_teacher
+
+    hf = load_hf_teacher(folder, trust_remote_code=trust_custom_code)
+    if hf.hybrid is None:
+        raise ValueError(f"{folder}: its weights do not map onto hybridnas blocks ({hf.not_mapped}); distill-search "
+                         "copies the teacher's blocks into the student, so it needs a teacher that maps")
+    return hf.hybrid
+
+
 def run_distill_search(space: DistillSpace, out_dir: str | Path, *, storage: str | None = None,
                        trust_custom_code: bool = False, log: Log = print) -> dict[str, Any]:
     """Score, select, distil and compare, export (module docstring); returns the report's JSON."""
-    from hybridnas.checkpoint import build_model
-
     out = Path(out_dir)
     settings = space.distill
     out.mkdir(parents=True, exist_ok=True)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
-    teacher = build_model(space.teacher, device=device, trust_custom_code=trust_custom_code)
+    teacher = load_teacher(space.teacher, trust_custom_code=trust_custom_code).to(device).eval()
     teacher.requires_grad_(False)
     data = load_data(space.data)
     evaluator = Evaluator(teacher, data, settings)

@@ -373,3 +373,4 @@ class DistillSpace:
     select: str
     source: Source
     text: str = ""
+    teacher_pattern: str = ""  # the teacher's pattern as its folder says (a Hugging Face folder: converted, (AF)xL)

@@ -445,3 +445,24 @@ def test_a_budget_nothing_fits_is_refused_before_any_run(teacher_dir, corpus, tm
     assert main(["distill-search", space, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "budget" in err[0] and runs == []
+
+
+def test_a_hugging_face_llama_folder_is_a_teacher(corpus, tmp_path, monkeypatch, capsys):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    torch.manual_seed(0)
+    folder = tmp_path / "llama"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    space = _space(tmp_path, folder, corpus)
+    assert main(["validate", space]) == 0, capsys.readouterr().err
+    assert "attention at [0, 2, 4]" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert main(["distill-search", space, "--out", str(out)]) == 0, capsys.readouterr().err
+    model = build_model(out / "export")
+    assert model.cfg.pattern.count("A") == 1 and model.cfg.pattern.count("M") == 2 and model.cfg.vocab_size == 300
+    bad = _space(tmp_path, folder, corpus, student="{symbol: M, keep: 3}")
+    assert main(["distill-search", bad, "--out", str(out)]) == 2
+    assert " student.keep: " in capsys.readouterr().err

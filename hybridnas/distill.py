@@ -2,6 +2,8 @@
 
 ``hybridnas distill-search SPACE.yaml`` (README "Post-training hybrid search"):
 
+0. **Teacher** (:func:`load_teacher`): a hybridnas model folder, or a Hugging Face Llama/Mistral/Qwen2 folder
+   converted exactly into ``(AF)xL`` blocks (:mod:`hybridnas.hf_teacher`).
 1. **Student from the teacher** (:func:`build_student`): the teacher's pattern with every attention position not
    kept replaced by the student symbol. Embeddings, head, every block's norm, FFN/MoE blocks and the kept attention
    layers are copied (``freeze: [ffn, embed]`` stops those from training); a replaced layer is initialised from that
@@ -14,14 +16,15 @@
 3. **Scoring by KL-guided restoration** (:func:`score_layers`, arXiv 2512.20569): the all-linear student, and for
    each attention position ``i`` the all-linear student with ``i`` restored from the teacher, each distilled
    ``score_steps``; ``utility_i = KL(all-linear) - KL(restore i)`` on held-out text.
-4. **Selection** of ``keep`` positions and/or a budget (:mod:`hybridnas.distill_select`: greedy or scipy ``milp``).
+4. **Selection** of ``keep`` positions and/or a budget (:mod:`hybridnas.distill_select`: greedy or scipy ``milp``;
+   ``state_bytes`` bounds the whole student's decode state, ``decode_ms`` what the kept attention adds).
 5. **Final stage** (:func:`final_stage`): the selected placement, the same k placed evenly and at random, each
    distilled ``final_steps`` per seed; a report; the KL-selected student of the best seed exported.
 
 Every distillation run is one trial of an Optuna study (``key`` user attribute: stage, placement, seed and a hash of
-every setting the run depends on), so a rerun skips finished runs and never repeats them; a changed setting makes new
-runs and leaves the old ones in the study. One process at a time runs a study: trials left RUNNING by a process of
-this host that is gone are marked FAIL when the next run starts.
+every setting the run depends on, the teacher's files included), so a rerun skips finished runs and never repeats
+them; a changed setting makes new runs and leaves the old ones in the study. One process at a time runs a study:
+trials left RUNNING by a process of this host that is gone are marked FAIL when the next run starts.
 
 Initialisation of a replaced attention layer (teacher attention: ``qkv = [Q (H·hd), K (G·hd), V (G·hd)]``, ``out``;
 H query heads, G kv heads, head size hd; Mamba in the Llama, arXiv 2408.15237, §3.4 of the reference):
@@ -610,6 +613,13 @@ def report(space: DistillSpace, evaluator: Evaluator, utilities: dict[int, float
 # ---------------------------------------------------------------------------------------------- the command
 
 
+def teacher_stamp(folder: str | Path) -> list[tuple[str, int, int]]:
+    """Name, size and modification time of the teacher folder's weights and configs: a teacher trained again in
+    the same folder makes new runs instead of answering from the old ones."""
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).iterdir()
+                  if p.is_file() and p.suffix in (".safetensors", ".json", ".yaml", ".bin"))
+
+
 def load_teacher(folder: str | Path, *, trust_custom_code: bool = False) -> HybridLM:
     """The teacher as a :class:`HybridLM`: a hybridnas model folder, or a Hugging Face Llama/Mistral/Qwen2 folder
     converted exactly into ``(AF)xL`` blocks (:mod:`hybridnas.hf_teacher`; needs the ``hf`` extra)."""
@@ -643,7 +653,8 @@ def run_distill_search(space: DistillSpace, out_dir: str | Path, *, storage: str
         f"{attention_positions(teacher.cfg)}, held-out bpb {evaluator.teacher_bpb:.4f}", flush=True)
     url = storage or f"sqlite:///{out / 'study.db'}"
     study = open_study(space.name, url)
-    extra = {"teacher": str(Path(space.teacher).resolve()), "data": space.data}
+    extra = {"teacher": str(Path(space.teacher).resolve()), "teacher_files": teacher_stamp(space.teacher),
+             "data": space.data}
     _, notes = build_student(teacher, [], space.student.symbol, _params(space.student), init=space.student.init)
     for sym, n in notes.items():
         log(f"init of {sym} from attention: copied {'; '.join(n['copied']) or 'nothing'}; not copied "

@@ -466,3 +466,17 @@ def test_a_hugging_face_llama_folder_is_a_teacher(corpus, tmp_path, monkeypatch,
     bad = _space(tmp_path, folder, corpus, student="{symbol: M, keep: 3}")
     assert main(["distill-search", bad, "--out", str(out)]) == 2
     assert " student.keep: " in capsys.readouterr().err
+
+
+def test_a_retrained_teacher_is_not_answered_from_the_old_runs(corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    teacher = _teacher(tmp_path / "t", corpus)
+    space = _space(tmp_path, teacher, corpus, extra="compare: []\n")
+    Path(space).write_text(Path(space).read_text().replace("seeds: [0, 1]", "seeds: [0]"))
+    assert main(["distill-search", space, "--out", str(tmp_path / "o")]) == 0
+    runs = []
+    real = distill.train_student
+    monkeypatch.setattr(distill, "train_student", lambda *a, **kw: runs.append(1) or real(*a, **kw))
+    _teacher(tmp_path / "t", corpus, seed=1)  # new weights in the same folder
+    assert main(["distill-search", space, "--out", str(tmp_path / "o")]) == 0
+    assert len(runs) == 4 + 1  # every scoring run and the final run again

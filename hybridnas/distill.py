@@ -466,11 +466,16 @@ def score_layers(study: optuna.Study, teacher: HybridLM, data, student: StudentS
     return {i: kls[None] - kls[i] for i in kls if i is not None}
 
 
-def scoring_minutes(study: optuna.Study) -> float:
-    """Wall minutes of the finished scoring runs (their trials' durations)."""
+def scoring_minutes(study: optuna.Study, student: StudentSpec | None = None, settings: DistillSettings | None = None,
+                    extra: dict[str, Any] | None = None) -> float:
+    """Wall minutes of the finished scoring runs (their trials' durations): those of these settings when given, else
+    every one in the study."""
+    suffix = (f":{settings.seeds[0]}:{fingerprint(student, settings, settings.score_steps, extra)}"
+              if student is not None and settings is not None else "")
     total = 0.0
-    for t in _finished(study).values():
-        if t.user_attrs.get("stage") == "score" and t.datetime_start and t.datetime_complete:
+    for key, t in _finished(study).items():
+        if t.user_attrs.get("stage") == "score" and key.endswith(suffix) and t.datetime_start \
+                and t.datetime_complete:
             total += (t.datetime_complete - t.datetime_start).total_seconds()
     return total / 60
 
@@ -678,7 +683,8 @@ def run_distill_search(space: DistillSpace, out_dir: str | Path, *, storage: str
     plan = placements(selected, attention_positions(teacher.cfg), space.compare, settings.seeds)
     results = final_stage(study, teacher, data, space.student, settings, plan, out / "runs", arch_for,
                           evaluator=evaluator, extra=extra, log=log)
-    md, js = report(space, evaluator, utilities, selected, results, scoring_minutes(study), notes)
+    minutes = scoring_minutes(study, space.student, settings, extra)
+    md, js = report(space, evaluator, utilities, selected, results, minutes, notes)
     best_seed = min(results["kl"], key=lambda s: results["kl"][s]["bits_per_byte"])
     export = _export(out / "export", arch_for(selected, best_seed), results["kl"][best_seed], teacher, data, space,
                      params, evaluator, log)

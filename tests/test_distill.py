@@ -480,3 +480,15 @@ def test_a_retrained_teacher_is_not_answered_from_the_old_runs(corpus, tmp_path,
     _teacher(tmp_path / "t", corpus, seed=1)  # new weights in the same folder
     assert main(["distill-search", space, "--out", str(tmp_path / "o")]) == 0
     assert len(runs) == 4 + 1  # every scoring run and the final run again
+
+
+def test_scoring_minutes_count_only_these_settings(teacher_dir, data, tmp_path):
+    teacher = build_model(teacher_dir)
+    study = distill.open_study("s", f"sqlite:///{tmp_path}/study.db")
+    student = distill.StudentSpec(symbol="M", layers={"M": M2}, keep=1)
+    quiet = lambda *a, **k: None  # noqa: E731
+    for steps in (1, 2):
+        distill.score_layers(study, teacher, data, student, _settings(score_steps=steps), log=quiet)
+    both = distill.scoring_minutes(study)
+    one = distill.scoring_minutes(study, student, _settings(score_steps=2))
+    assert 0 < one < both

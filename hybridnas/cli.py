@@ -1,5 +1,5 @@
 """hybridnas search | show | export | plot | dashboard | storage-proxy | train | eval | generate | serve | sweep
-| replay | bench | validate.
+| replay | distill-search | bench | validate.
 
 Errors a user can fix (bad YAML, unknown study, missing file, a storage that cannot be opened, a bad number on the
 command line) print one clear line each and exit 2; a bug in a trial's code prints its traceback once and the
@@ -92,6 +92,9 @@ def _validate_file(path: str, arch_file: bool, trust: bool) -> None:
         arch = load_arch(path, trust_custom_code=trust)
         print(f"{path}: OK (architecture {arch.model.pattern!r}, d_model {arch.model.d_model})")
         return
+    if _is_distill_file(path):
+        _validate_distill(path, trust)
+        return
     space = load_space(path)
     _check_custom_symbols(space)
     searched = []
@@ -114,6 +117,37 @@ def _validate_file(path: str, arch_file: bool, trust: bool) -> None:
         rates = ladder_from(space.train.get("lr", 1e-3), space.search.lr_ladder)
         print(f"  learning rate: {space.search.lr_mode} over {', '.join(f'{r:g}' for r in rates)} inside each "
               "trial")
+
+
+def _is_distill_file(path: str) -> bool:
+    """A ``distill-search`` file names a teacher and no model (a search space is the other way round)."""
+    from hybridnas.yamlio import load_file
+
+    try:
+        data, _ = load_file(path)
+    except (ConfigError, OSError):
+        return False  # load_space reports it
+    return isinstance(data, dict) and "teacher" in data and "model" not in data
+
+
+def _validate_distill(path: str, trust: bool) -> None:
+    from hybridnas import patterns
+    from hybridnas.config import load_distill_space
+
+    space = load_distill_space(path, trust_custom_code=trust)
+    pattern = space.teacher_pattern
+    attn = [i for i, s in enumerate(patterns.to_primary(pattern)) if s == "A"]
+    st = space.student
+    limit = f"keep {st.keep}" if st.keep is not None else ""
+    if st.budget is not None:
+        b = st.budget
+        limit += (", " if limit else "") + (f"state_bytes {b.state_bytes:g}" if b.state_bytes is not None
+                                            else f"decode_ms {b.decode_ms:g}")
+    print(f"{path}: OK (a distill-search file)")
+    print(f"  teacher {space.teacher}: pattern {pattern!r}, attention at {attn}")
+    print(f"  student {st.symbol} ({st.init} init), {limit}, select {space.select}, compare "
+          f"{', '.join(space.compare) or 'nothing'}; {len(attn) + 1} scoring runs of {space.distill.score_steps} "
+          f"steps, {(1 + len(space.compare)) * len(space.distill.seeds)} final runs of {space.distill.final_steps}")
 
 
 def _fmt_values(values) -> str:
@@ -767,6 +801,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return doctor.run(interpret=args.interpret)
 
 
+def cmd_distill_search(args: argparse.Namespace) -> int:
+    from hybridnas.config import load_distill_space
+    from hybridnas.distill import run_distill_search
+
+    space = load_distill_space(args.space, trust_custom_code=args.trust_custom_code)
+    out = args.out or f"runs/{space.name}"
+    run_distill_search(space, out, storage=args.storage, trust_custom_code=args.trust_custom_code)
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from hybridnas.config import load_space
     from hybridnas.sweep import SweepPlan, enumerate_space, lr_ladder, open_sweep_study, run_sweep, write_table
@@ -1050,6 +1094,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--peak-size", type=int, default=2048,
                    help="the square matmul timed for the GEMM peak behind each row's time / floor (2048)")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("distill-search", help="post-training hybrid search: which attention layers of a trained "
+                                              "model to keep, the rest distilled into another mixer")
+    s.add_argument("space", help="distill-search YAML (teacher, student, distill, data, compare, select)")
+    s.add_argument("--out", metavar="DIR", help="report, runs' weights, study and export (default runs/<name>)")
+    s.add_argument("--storage", help="Optuna storage of the runs (default sqlite:///DIR/study.db; postgresql://... "
+                                     "as for search)")
+    s.add_argument("--trust-custom-code", action="store_true",
+                   help="allow a teacher whose architecture.yaml names custom layer code to import")
+    s.set_defaults(func=cmd_distill_search)
 
     s = sub.add_parser("sweep", help="train every architecture of a finite space over an lr ladder, seeds and "
                                      "budgets: the ground-truth table (resumable, shareable by many workers)")

@@ -545,3 +545,218 @@ def load_arch(path: str | None = None, *, text: str | None = None, file: str = "
     errors.errors += missing
     errors.raise_if_any()
     return ArchConfig(ModelConfig(**model_d), task, TrainConfig(**train_d), symbols, name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# post-training hybrid search: `hybridnas distill-search SPACE.yaml`
+
+_DISTILL_KEYS = ["name", "teacher", "student", "distill", "data", "compare", "select"]
+COMPARE_PLACEMENTS = ("even", "random")
+SELECT_METHODS = ("milp", "greedy")
+
+
+def _distill_teacher(value: Any, src: Source, trust_custom_code: Trust) -> tuple[str, ArchConfig]:
+    """The teacher folder (a ``train --out`` or export folder) and its architecture; errors at ``teacher``."""
+    import os
+
+    if value is None:
+        raise src.error(("teacher",), "required: the folder of a trained hybridnas model (a `hybridnas train --out` "
+                                      "or export folder)")
+    folder = check_value(value, Name, ("teacher",), src)
+    arch_file = os.path.join(folder, "architecture.yaml")
+    if not os.path.isdir(folder):
+        raise src.error(("teacher",), f"no such folder: {folder}")
+    if not os.path.isfile(arch_file) and os.path.isfile(os.path.join(folder, "config.json")):
+        return folder, _hf_teacher_arch(folder, src)
+    for needed in ("architecture.yaml", "model.safetensors"):
+        if not os.path.isfile(os.path.join(folder, needed)):
+            raise src.error(("teacher",), f"{folder} has no {needed}: not a hybridnas model folder (train one with "
+                                          "`hybridnas train ARCH.yaml --out DIR`)")
+    try:
+        arch = load_arch(arch_file, trust_custom_code=trust_custom_code)
+    except UntrustedCodeError:
+        raise
+    except ConfigError as e:
+        raise src.error(("teacher",), f"cannot read the teacher's architecture: {e}") from None
+    symbols = patterns.to_primary(arch.model.pattern)
+    if "A" not in symbols:
+        raise src.error(("teacher",), f"the teacher's pattern {arch.model.pattern!r} has no attention layer (A): "
+                                      "nothing to replace or keep")
+    return folder, arch
+
+
+#: the Hugging Face model types :mod:`hybridnas.hf_teacher` converts into hybridnas blocks (its LLAMA_FAMILY; not
+#: imported: it imports checkpoint, which imports this module)
+HF_BLOCK_TYPES = ("llama", "mistral", "qwen2")
+
+
+def _hf_teacher_arch(folder: str, src: Source) -> ArchConfig:
+    """What a Hugging Face teacher folder's config.json says of the model it converts into: ``(AF)xL`` at
+    ``hidden_size`` over ``vocab_size`` (the weights are read by :func:`hybridnas.hf_teacher.load_hf_teacher` when
+    the search runs)."""
+    import json
+    import os
+
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise src.error(("teacher",), f"cannot read {path}: {e}") from None
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    if kind not in HF_BLOCK_TYPES:
+        raise src.error(("teacher",), f"{folder} is a Hugging Face model of type {kind!r}: distill-search copies "
+                                      f"attention and MLP blocks, which it can from {', '.join(HF_BLOCK_TYPES)} "
+                                      "folders or a hybridnas model folder")
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    try:
+        n, d, vocab = int(text["num_hidden_layers"]), int(text["hidden_size"]), int(text["vocab_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise src.error(("teacher",), f"{path} lacks a usable {e} (num_hidden_layers, hidden_size, vocab_size)"
+                        ) from None
+    model = ModelConfig(vocab_size=vocab, d_model=d, pattern=f"(AF)x{n}")
+    return ArchConfig(model, TaskSpec("hf", {}), TrainConfig(), name=kind)
+
+
+def _distill_student(data: Any, src: Source, teacher: ArchConfig | None) -> Any:
+    from hybridnas.schema import StudentSpec
+    from layers.base import LayerConfigError
+
+    student = parse_dataclass(StudentSpec, data, ("student",), src)
+    try:
+        spec = registry.get(student.symbol)
+    except registry.RegistryError:
+        raise src.error(("student", "symbol"), f"unknown symbol {student.symbol!r}"
+                        + _suggest(student.symbol, registry.symbols())
+                        + f"; registered: {', '.join(registry.symbols())}") from None
+    if spec.symbol == "A" or spec.kind == "ffn":
+        raise src.error(("student", "symbol"), f"{student.symbol} ({spec.name}) cannot replace attention: give a "
+                                               "sequence mixer other than attention (M, R, H, S, ...)")
+    for sym, params in student.layers.items():
+        try:
+            same = registry.primary(sym) == spec.symbol
+        except registry.RegistryError:
+            same = False
+        if not same:
+            raise src.error(("student", "layers", sym), f"only the student symbol's parameters ({student.symbol}) "
+                                                        "go here; the teacher's layers keep their own")
+        for key, value in (params or {}).items():
+            _check_layer_option(value, ("student", "layers", sym, key), src)
+    if student.keep is None and student.budget is None:
+        raise src.error(("student",), "give keep (how many attention layers stay), a budget ({state_bytes: N} or "
+                                      "{decode_ms: X}), or both")
+    if student.budget is not None:
+        b = student.budget
+        if (b.state_bytes is None) == (b.decode_ms is None):
+            raise src.error(("student", "budget"), "give exactly one of state_bytes and decode_ms")
+    if teacher is None:
+        return student
+    n_attn = patterns.to_primary(teacher.model.pattern).count("A")
+    if student.keep is not None and student.keep >= n_attn:
+        raise src.error(("student", "keep"), f"must be less than the teacher's {n_attn} attention layers (keeping "
+                                             f"all of them leaves nothing to replace), got {student.keep}")
+    params: dict[str, Any] = {}
+    for p in student.layers.values():
+        params.update(p or {})
+    try:
+        spec.cls.check_config(teacher.model.d_model, spec.make_config(params))
+    except LayerConfigError as e:
+        key = next((k for k in student.layers), spec.symbol)
+        fld = (e.field,) if e.field in params else ()
+        raise src.error(("student", "layers", key, *fld), f"{e} (d_model {teacher.model.d_model})") from None
+    except (registry.RegistryError, TypeError, ValueError) as e:
+        key = next((k for k in student.layers), spec.symbol)
+        raise src.error(("student", "layers", key), str(e)) from None
+    return student
+
+
+def _distill_data(data: Any, src: Source, seq_len: int, teacher_folder: str | None,
+                  teacher: ArchConfig | None) -> dict[str, Any]:
+    """The corpus as the ``lm`` task's settings: ``seq_len`` is ``distill.seq_len``; the tokenizer defaults to the
+    teacher's (its task's tokenizer, else its folder's tokenizer.json, else bytes); the vocabulary is the teacher's."""
+    import os
+
+    from hybridnas.tasks.base import TaskConfigError
+    from hybridnas.tasks.lm import LMConfig, load_tokenizer
+
+    if not isinstance(data, dict):
+        raise src.error(("data",), "required: the corpus as the lm task's settings, e.g. {path: corpus.txt}")
+    data = dict(data)
+    if data.get("name", "lm") != "lm":
+        raise src.error(("data", "name"), f"the corpus is an lm task (local text through datasets), got "
+                                          f"{data['name']!r}")
+    data.pop("name", None)
+    if "seq_len" in data:
+        raise src.error(("data", "seq_len"), "set the sequence length as distill.seq_len")
+    if "vocab_size" in data:
+        raise src.error(("data", "vocab_size"), "the student's vocabulary is the teacher's; leave vocab_size out")
+    if "tokenizer" not in data:
+        tok = "bytes"
+        if teacher is not None and teacher.task.name == "lm" and (
+                teacher.task.params.get("tokenizer", "bytes") == "bytes"
+                or os.path.isfile(teacher.task.params.get("tokenizer", ""))):
+            tok = teacher.task.params.get("tokenizer", "bytes")
+        elif teacher_folder and os.path.isfile(os.path.join(teacher_folder, "tokenizer.json")):
+            tok = os.path.join(teacher_folder, "tokenizer.json")
+        data["tokenizer"] = tok
+    cfg = parse_dataclass(LMConfig, {**data, "seq_len": seq_len}, ("data",), src)
+    try:
+        n_tok = load_tokenizer(cfg.tokenizer).vocab_size
+        if teacher is not None:
+            if n_tok > teacher.model.vocab_size:
+                raise TaskConfigError("tokenizer", f"the tokenizer has {n_tok} tokens, more than the teacher's "
+                                                   f"vocabulary of {teacher.model.vocab_size}")
+            cfg.vocab_size = teacher.model.vocab_size
+        cfg.check()
+    except TaskConfigError as e:
+        msg = str(e)
+        msg = msg[len(e.field) + 2:] if msg.startswith(f"{e.field}: ") else msg
+        raise src.error(("data", e.field), msg) from None
+    return asdict(cfg)
+
+
+def load_distill_space(path: str, *, trust_custom_code: Trust = False) -> Any:
+    """Read and validate a ``distill-search`` file (see :class:`hybridnas.schema.DistillSpace`). Every section is
+    checked even when an earlier one is wrong; each error is ``file:line: field.path: message``. The teacher's
+    architecture names custom layer code only with ``trust_custom_code`` (as :func:`load_arch`)."""
+    from hybridnas.schema import DistillSettings, DistillSpace
+
+    data, src = load_file(path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    errors = Collector()
+    data = _top(data, src, _DISTILL_KEYS, errors)
+    name = None
+    with errors.guard():
+        name = check_value(data.get("name") or path.rsplit("/", 1)[-1].rsplit(".", 1)[0], Name, ("name",), src)
+    folder, teacher = None, None
+    try:
+        folder, teacher = _distill_teacher(data.get("teacher"), src, trust_custom_code)
+    except UntrustedCodeError:
+        raise
+    except ConfigError as e:
+        errors.errors.append(e)
+    student = None
+    with errors.guard():
+        student = _distill_student(data.get("student"), src, teacher)
+    settings = None
+    with errors.guard():
+        settings = parse_dataclass(DistillSettings, data.get("distill"), ("distill",), src)
+        if not settings.seeds:
+            raise src.error(("distill", "seeds"), "give at least one seed")
+        if len(set(settings.seeds)) != len(settings.seeds):
+            raise src.error(("distill", "seeds"), "a seed is listed twice")
+    corpus: dict[str, Any] = {}
+    with errors.guard():
+        corpus = _distill_data(data.get("data"), src, settings.seq_len if settings else DistillSettings.seq_len,
+                               folder, teacher)
+    compare: list[str] = list(COMPARE_PLACEMENTS)
+    with errors.guard():
+        if data.get("compare") is not None:
+            compare = check_value(data["compare"], list[typing.Literal[COMPARE_PLACEMENTS]], ("compare",), src)
+    select = SELECT_METHODS[0]
+    with errors.guard():
+        select = check_value(data.get("select", select), typing.Literal[SELECT_METHODS], ("select",), src)
+    errors.raise_if_any()
+    return DistillSpace(name, folder, student, settings, corpus, list(dict.fromkeys(compare)), select, src, text,
+                        teacher.model.pattern)

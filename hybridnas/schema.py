@@ -301,3 +301,76 @@ class SearchSpace:
 
     def objective_names(self) -> list[str]:
         return list(self.search.objectives) if self.search.objectives else [self.search.objective]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# post-training hybrid search (hybridnas.distill, `hybridnas distill-search`)
+
+
+@dataclass
+class DistillBudget:
+    """Keep attention where it pays within a decode budget: state bytes or decode milliseconds per token, measured at
+    ``seq_len`` tokens of context (default: ``distill.seq_len``). Exactly one of the two."""
+
+    state_bytes: Annotated[float, Positive, Finite] | None = None
+    decode_ms: Annotated[float, Positive, Finite] | None = None
+    seq_len: Annotated[int, Positive, Le(2 ** 31)] | None = None
+
+
+@dataclass
+class StudentSpec:
+    """The student: ``symbol`` replaces every attention layer not kept; ``keep`` attention layers stay (and/or a
+    ``budget``); ``init``: from the teacher's projections where a mapping exists, else ``random``; ``freeze``: copied
+    parts that do not train."""
+
+    symbol: Name = "M"
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    keep: Annotated[int, Ge(1), Le(MAX_LAYER_INT)] | None = None
+    budget: DistillBudget | None = None
+    init: Literal["teacher", "random"] = "teacher"
+    freeze: list[Literal["ffn", "embed"]] = field(default_factory=list)
+
+
+@dataclass
+class DistillSettings:
+    """Distillation runs: forward KL(teacher || student) at T = 1 on the final logits, plus ``ce_weight`` times
+    next-token cross-entropy; AdamW, ``warmup_steps`` of linear warmup, then constant or cosine (to ``min_lr_ratio``
+    times ``lr``). Held-out KL and bits per byte on the first ``eval_tokens`` validation tokens."""
+
+    score_steps: Annotated[int, Positive, Le(10 ** 9)] = 100
+    final_steps: Annotated[int, Positive, Le(10 ** 9)] = 300
+    lr: Annotated[float, Positive, Le(10)] = 1e-3
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: Annotated[int, NonNegative, Le(10 ** 9)] = 10
+    min_lr_ratio: Annotated[float, Unit] = 0.1
+    weight_decay: Annotated[float, NonNegative, Le(100)] = 0.0
+    beta1: Annotated[float, Unit] = 0.9
+    beta2: Annotated[float, Unit] = 0.95
+    grad_clip: Annotated[float, NonNegative, Finite] = 1.0
+    batch_size: Annotated[int, Positive, Le(2 ** 20)] = 16
+    seq_len: Annotated[int, Positive, Le(2 ** 20)] = 128
+    seeds: list[Annotated[int, NonNegative, Le(2 ** 62)]] = field(default_factory=lambda: [0, 1, 2])
+    kl_weight: Annotated[float, NonNegative, Finite] = 1.0
+    ce_weight: Annotated[float, NonNegative, Finite] = 0.0
+    eval_tokens: Annotated[int, Positive, Le(2 ** 31)] = 65536
+    device: Annotated[str, Predicate(device_name)] = "auto"
+    threads: Annotated[int, Ge(1), Le(4096)] | None = None
+    # the teacher's log-probabilities of one seed's batches kept for the next run on that seed (MiB; 0: none)
+    teacher_cache_mb: Annotated[int, NonNegative, Le(2 ** 24)] = 1024
+
+
+@dataclass
+class DistillSpace:
+    """A ``distill-search`` file: the teacher folder, the student, the distillation settings, the corpus (``lm``
+    task settings), the placements compared with the KL-selected one, and the selection method."""
+
+    name: str
+    teacher: str
+    student: StudentSpec
+    distill: DistillSettings
+    data: dict[str, Any]  # the lm task's settings, seq_len and tokenizer resolved
+    compare: list[str]
+    select: str
+    source: Source
+    text: str = ""
+    teacher_pattern: str = ""  # the teacher's pattern as its folder says (a Hugging Face folder: converted, (AF)xL)

@@ -135,7 +135,8 @@ def test_missing_pattern_in_an_architecture_file(tmp_path, capsys):
 
 
 def test_every_ready_space_still_validates(capsys):
-    spaces = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
+    spaces = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml")
+                    if not p.name.startswith("distill_"))  # distill-search files: tests/test_distill.py
     assert spaces
     assert main(["validate", *spaces]) == 0, capsys.readouterr().err
 

@@ -140,6 +140,7 @@ def test_validate_arch_files(tmp_path, capsys):
 def _shipped_spaces() -> list:
     files = sorted(SEARCH_SPACES.glob("*.yaml")) + sorted(SEARCH_SPACES.glob("*.yml")) if SEARCH_SPACES.is_dir() \
         else []
+    files = [f for f in files if not f.name.startswith("distill_")]  # need a trained teacher: tests/test_distill.py
     if not files:
         return [pytest.param(None, marks=pytest.mark.skip(reason="search_spaces/ has no YAML files yet"),
                              id="none")]

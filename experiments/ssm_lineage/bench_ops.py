@@ -25,6 +25,8 @@ import torch
 from layers.ops.s4_kernel import s4d_conv, s4d_init
 from layers.ops.selective_scan import selective_scan, selective_scan_seq
 
+from hybridnas.runtime import tune_malloc
+
 
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -86,8 +88,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--system-malloc", action="store_true", help="leave glibc malloc as it is (hybridnas commands tune it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.system_malloc:
+        tune_malloc()  # as every hybridnas command does first (hybridnas/runtime.py)
     print(f"# torch {torch.__version__}, {args.threads} threads; uptime before: {uptime()}")
     compare("selective_scan B8 T1024 D256 (d_model 128) N16", scan_inputs,
             lambda u, d, A, B, C, backend: selective_scan(u, d, A, B, C, backend=backend), args.rounds,

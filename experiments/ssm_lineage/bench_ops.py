@@ -22,10 +22,9 @@ import time
 
 import torch
 
+from hybridnas.runtime import tune_malloc
 from layers.ops.s4_kernel import s4d_conv, s4d_init
 from layers.ops.selective_scan import selective_scan, selective_scan_seq
-
-from hybridnas.runtime import tune_malloc
 
 
 def uptime() -> str:
@@ -88,7 +87,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--system-malloc", action="store_true", help="leave glibc malloc as it is (hybridnas commands tune it)")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc malloc as it is (hybridnas commands tune it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not args.system_malloc:

@@ -237,6 +237,13 @@ def test_cli_end_to_end_resumes_and_exports(teacher_dir, corpus, tmp_path, monke
     assert runs == [1]
     again = json.loads((out / "export" / "distill.json").read_text())
     assert again["seed"] == seed and again["bits_per_byte"] == pytest.approx(first["bits_per_byte"], rel=1e-6)
+    # the export is a normal one: transformers loads it and greedy generation matches the model's own
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "export")
+    ours = build_model(out / "export").eval()
+    x = torch.randint(0, ours.cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(hf(x).logits, ours(x), atol=1e-5)
+    assert torch.equal(hf.generate(x, max_new_tokens=4, do_sample=False), ours.generate(x, max_new_tokens=4))
 
 
 @pytest.mark.parametrize("case, field", [

@@ -58,7 +58,7 @@ class _CausalConv(torch.autograd.Function):
         else:
             g = gy.contiguous()
         g_xpad = torch.zeros_like(xpad)
-        g_wT = torch.empty_like(wT)
+        g_wT = wT.new_empty(wT.shape)  # contiguous rows: each is a reduction's `out=`
         prod = torch.empty_like(pre)
         for k in range(k_len):
             g_xpad[:, k:k + t_len].addcmul_(g, wT[k])
@@ -81,6 +81,6 @@ def causal_conv1d_chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     k = weight.shape[-1]
     if state is None:
         state = x.new_zeros(b, c, k - 1)
-    wT = weight.to(x.dtype).t()
+    wT = weight.to(x.dtype).t().contiguous()  # (K, C): row k is a contiguous C-vector
     return _CausalConv.apply(x, wT, bias.to(x.dtype) if bias is not None else None, state.to(x.dtype),
                              activation == "silu")

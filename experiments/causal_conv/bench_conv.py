@@ -4,6 +4,7 @@ the ``chunked`` backend for the scan in both. "old" swaps the layer's conv for t
 what the layer ran before (cat of the state and the transposed input, ``F.conv1d(groups=C)``, SiLU, transpose).
 
     python experiments/causal_conv/bench_conv.py [--rounds 7] [--passes 5] [--threads 2] [--variant mamba2]
+                                                 [--clock wall|cpu]
 
 Each round times old and new back to back (median of ``--passes`` calls), the order alternating between rounds;
 prints each round, the median over rounds of each and of the per-round ratio new / old, and the load average.
@@ -19,8 +20,11 @@ import time
 import torch
 
 import layers.mamba as mamba_mod
+from hybridnas import runtime
 from layers.mamba import Mamba
 from layers.ops.causal_conv1d import causal_conv1d, causal_conv1d_naive
+
+CLOCK = time.perf_counter
 
 
 def old_conv(x, weight, bias=None, state=None, *, activation="silu", backend=None):
@@ -31,9 +35,9 @@ def fwd_bwd(layer: Mamba, u: torch.Tensor, gy: torch.Tensor, passes: int) -> flo
     times = []
     for _ in range(passes):
         layer.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         layer(u).backward(gy)
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
     return statistics.median(times) * 1e3
 
 
@@ -43,7 +47,12 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variant", default="mamba2", choices=("mamba2", "mamba1"))
+    ap.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                    help="cpu: the process's CPU time (all threads), steadier than wall time on a shared machine")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
+    runtime.tune_malloc()  # as hybridnas commands do
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     layer = Mamba(128, Mamba.Config(variant=args.variant, d_state=32 if args.variant == "mamba2" else 16,
@@ -55,7 +64,7 @@ def main() -> None:
         mamba_mod.causal_conv1d = fn
         fwd_bwd(layer, u, gy, 2)
     res: dict[str, list[float]] = {"old": [], "new": []}
-    print(f"{args.variant} B8 T1024 d128, {args.threads} threads, load {os.getloadavg()[0]:.2f}")
+    print(f"{args.variant} B8 T1024 d128, {args.threads} threads, {args.clock} clock, load {os.getloadavg()[0]:.2f}")
     for r in range(args.rounds):
         order = ("old", "new") if r % 2 == 0 else ("new", "old")
         for name in order:

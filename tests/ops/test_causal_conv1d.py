@@ -116,3 +116,18 @@ def test_mamba_layer_runs_its_conv_through_the_op(variant, monkeypatch):
         y_ref, st_ref = layer.prefill(u)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(st["conv"], st_ref["conv"])
+
+
+def test_a_triton_request_runs_the_chunked_path(monkeypatch):
+    """The conv has no kernel: a layer configured (or a run forced) to Triton for its scan still gets its conv,
+    from the chunked path, instead of a BackendError."""
+    from layers.ops import dispatch
+
+    x, w, bb, s = _inputs(2, 5, 4, 4, torch.float64, state=True, bias=True)
+    want = causal_conv1d_chunked(x, w, bb, s, activation="silu")
+    torch.testing.assert_close(causal_conv1d(x, w, bb, s, activation="silu", backend="triton")[0], want[0])
+    with dispatch.force("triton"):
+        got = causal_conv1d(x, w, bb, s, activation="silu")
+    torch.testing.assert_close(got[0], want[0])
+    monkeypatch.setenv(dispatch.ENV, "triton")
+    torch.testing.assert_close(causal_conv1d(x, w, bb, s, activation="silu")[1], want[1])

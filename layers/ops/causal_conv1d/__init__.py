@@ -11,7 +11,8 @@ Shapes (B batch, T length, C channels, K kernel width)::
 
 Backends (``BACKENDS``): ``naive`` (``F.conv1d`` on the channel-major concatenation, then SiLU: the oracle) and
 ``chunked`` (time-major fused multiply-adds and SiLU in one autograd node with a hand-written backward; see
-``chunked.py``). No Triton kernel. ``backend=`` or :mod:`layers.ops.dispatch` picks one.
+``chunked.py``). No Triton kernel: a Triton request runs ``chunked``. ``backend=`` or :mod:`layers.ops.dispatch`
+picks one.
 """
 
 from __future__ import annotations
@@ -33,5 +34,9 @@ dispatch.register("causal_conv1d", BACKENDS)
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   state: torch.Tensor | None = None, *, activation: str | None = "silu",
                   backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backend chosen by :mod:`layers.ops.dispatch` (forced > env > ``backend`` > auto)."""
+    """The backend chosen by :mod:`layers.ops.dispatch` (forced > env > ``backend`` > auto). There is no Triton
+    kernel: a Triton request (the layer's key, ``HYBRIDNAS_BACKEND`` or a forced one, meant for the scan) runs the
+    chunked path rather than failing."""
+    if dispatch.requested(backend) == "triton" and "triton" not in BACKENDS:
+        return BACKENDS["chunked"](x, weight, bias, state, activation=activation)
     return dispatch.run("causal_conv1d", BACKENDS, x, weight, bias, state, activation=activation, backend=backend)

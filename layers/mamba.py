@@ -13,7 +13,7 @@ Mamba-3 (Lahoti et al., ICLR 2026; block of ``state-spaces/mamba`` ``Mamba3``): 
 
 Mamba-2 (``mamba_ssm`` ``Mamba2``, ngroups 1)::
 
-    z, xBC, dd_dt = in_proj(u);  x, B, C = silu(causal depthwise conv(xBC))
+    z, xBC, dd_dt = in_proj(u);  x, B, C = silu(causal depthwise conv(xBC))   (``layers.ops.causal_conv1d``)
     y = SSD(x, Δ, A = -exp(A_log), B, C) + D·x;   out = out_proj(RMSNorm(y ⊙ silu(z)) · w)
 
 Mamba-1 (``mamba_ssm`` ``Mamba``, "S6"; ``variant: mamba1``)::
@@ -40,6 +40,7 @@ from torch import nn
 
 from layers.base import Layer, LayerConfigError, require_at_least, require_positive
 from layers.ops import dispatch
+from layers.ops.causal_conv1d import causal_conv1d
 from layers.ops.mamba2 import ssd
 from layers.ops.mamba3 import mamba3, pairs_adjacent
 from layers.ops.selective_scan import selective_scan
@@ -320,11 +321,11 @@ class Mamba(Layer):
 
     def _mamba2(self, u: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, dict]:
         b, t, _ = u.shape
-        h, p, n, kc = self.nheads, self.headdim, self.d_state, self.config.d_conv
+        h, p, n = self.nheads, self.headdim, self.d_state
         z, xbc, dd_dt = self.in_proj(u).split(self.splits, dim=-1)
-        conv_state = state["conv"] if state is not None else u.new_zeros(b, self.conv_dim, kc - 1)
-        seq = torch.cat((conv_state, xbc.transpose(1, 2)), dim=2)  # (B, conv_dim, K - 1 + T)
-        xbc = F.silu(F.conv1d(seq, self.conv.weight, self.conv.bias, groups=self.conv_dim)).transpose(1, 2)
+        xbc, conv_state = causal_conv1d(xbc, self.conv.weight[:, 0], self.conv.bias,
+                                        state["conv"] if state is not None else None, activation="silu",
+                                        backend=self.config.backend)
         x, B, C = xbc.split((self.d_inner, n, n), dim=-1)
         x = x.reshape(b, t, h, p)
         dt = F.softplus(dd_dt.float() + self.dt_bias)
@@ -333,24 +334,24 @@ class Mamba(Layer):
                            backend=self.config.backend)
         y = (y.float() + self.D[:, None] * x.float()).reshape(b, t, self.d_inner)
         y = rms(y * F.silu(z.float()), self.norm_weight)
-        new_state = {"conv": seq[:, :, seq.shape[2] - (kc - 1):].clone(), "ssm": ssm_state}
+        new_state = {"conv": conv_state, "ssm": ssm_state}
         return self.out_proj(y.to(u.dtype)), new_state
 
     # -- Mamba-1 ---------------------------------------------------------------------------------------------
 
     def _mamba1(self, u: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, dict]:
         b, t, _ = u.shape
-        di, n, kc = self.d_inner, self.d_state, self.config.d_conv
+        n = self.d_state
         x, z = self.in_proj(u).split(self.splits, dim=-1)
-        conv_state = state["conv"] if state is not None else u.new_zeros(b, di, kc - 1)
-        seq = torch.cat((conv_state, x.transpose(1, 2)), dim=2)  # (B, di, K - 1 + T)
-        x = F.silu(F.conv1d(seq, self.conv.weight, self.conv.bias, groups=di)).transpose(1, 2)
+        x, conv_state = causal_conv1d(x, self.conv.weight[:, 0], self.conv.bias,
+                                      state["conv"] if state is not None else None, activation="silu",
+                                      backend=self.config.backend)
         dt_low, B, C = self.x_proj(x).split((self.dt_rank, n, n), dim=-1)
         delta = F.softplus(self.dt_proj(dt_low).float())
         y, ssm_state = selective_scan(x, delta, -torch.exp(self.A_log.float()), B, C,
                                       state["ssm"] if state is not None else None, backend=self.config.backend)
         y = (y.float() + self.D * x.float()) * F.silu(z.float())
-        new_state = {"conv": seq[:, :, seq.shape[2] - (kc - 1):].clone(), "ssm": ssm_state}
+        new_state = {"conv": conv_state, "ssm": ssm_state}
         return self.out_proj(y.to(u.dtype)), new_state
 
     # -- contract --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from layers.ops import dispatch
 OPS_DIR = Path(importlib.import_module("layers.ops").__file__).parent
 #: op package -> its entry function. A new op folder fails test_every_op_folder_is_listed until added here.
 ENTRIES = {"hyena": "long_conv", "mamba2": "ssd", "mamba3": "mamba3", "rwkv7": "rwkv7",
-           "selective_scan": "selective_scan", "s4_kernel": "s4d_conv"}
+           "selective_scan": "selective_scan", "s4_kernel": "s4d_conv", "causal_conv1d": "causal_conv1d"}
 SHARED = {"common"}  # pieces shared by several ops, not an op
 
 

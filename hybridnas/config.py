@@ -585,8 +585,8 @@ def _distill_teacher(value: Any, src: Source, trust_custom_code: Trust) -> tuple
     return folder, arch
 
 
-#: the Hugging Face model types :mod:`hybridnas.hf_teacher` converts into hybridnas blocks (its LLAMA_FAMILY; not
-#: imported: it imports checkpoint, which imports this module)
+#: the Hugging Face model types :mod:`hybridnas.hf_teacher` converts into hybridnas blocks (it imports this tuple as
+#: its LLAMA_FAMILY: this module cannot import it, as it imports checkpoint, which imports this module)
 HF_BLOCK_TYPES = ("llama", "mistral", "qwen2")
 
 

@@ -90,29 +90,15 @@ PLACEMENT_NAMES = {"kl": "KL-selected", "even": "evenly spaced", "random": "rand
 
 def attention_positions(cfg: ModelConfig) -> list[int]:
     """Block indices of the pattern's attention layers."""
-    return [i for i, s in enumerate(patterns.to_primary(cfg.pattern)) if s == "A"]
+    return distill_select.attention_positions(patterns.layer_symbols(cfg.pattern))
 
 
 def student_config(teacher_cfg: ModelConfig, keep: list[int], symbol: str,
                    params: dict[str, Any] | None) -> ModelConfig:
-    """The teacher's config with every attention position not in ``keep`` replaced by ``symbol`` (``params``)."""
-    prim = registry.primary(symbol)
-    symbols = list(patterns.to_primary(teacher_cfg.pattern))
-    for i in attention_positions(teacher_cfg):
-        if i not in keep:
-            symbols[i] = prim
-    layers: dict[str, dict[str, Any]] = {}
-    for sym, p in (teacher_cfg.layers or {}).items():
-        layers.setdefault(registry.primary(sym), {}).update(p or {})
-    if prim in patterns.to_primary(teacher_cfg.pattern) and prim in layers:
-        theirs = asdict(registry.get(prim).make_config(layers[prim]))
-        if theirs != asdict(registry.get(prim).make_config(params)):
-            raise ValueError(f"the teacher already has {prim} layers with other parameters; give student.layers the "
-                             f"teacher's ({layers[prim]}) or another symbol")
-    layers[prim] = dict(params or {})
-    return ModelConfig(vocab_size=teacher_cfg.vocab_size, d_model=teacher_cfg.d_model, pattern="".join(symbols),
-                       layers=layers, norm_eps=teacher_cfg.norm_eps, tie_embeddings=teacher_cfg.tie_embeddings,
-                       init_std=teacher_cfg.init_std)
+    """The teacher's config with every attention position not in ``keep`` replaced by ``symbol`` (``params``; a
+    teacher already using that symbol with other parameters is refused):
+    :func:`hybridnas.distill_select.student_model_config`, the one that prices the layers too."""
+    return distill_select.student_model_config(teacher_cfg, list(keep), symbol, dict(params or {}))
 
 
 @torch.no_grad()

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from hybridnas import patterns, registry
+from hybridnas.model import _layer_params
 from hybridnas.schema import ModelConfig
 
 METHODS = ("milp", "greedy")
@@ -261,17 +262,10 @@ def select_layers(scores: list[float], k: int | None, costs: list[float] | None 
 # ---------------------------------------------------------------------------------------------- costs
 
 
-def _params_by_primary(cfg: ModelConfig) -> dict[str, dict[str, Any]]:
-    merged: dict[str, dict[str, Any]] = {}
-    for sym, params in (cfg.layers or {}).items():
-        merged.setdefault(registry.primary(sym), {}).update(params or {})
-    return merged
-
-
 def _student_params(cfg: ModelConfig, student_symbol: str, student_params: dict | None) -> dict[str, Any]:
     if student_params is not None:
         return dict(student_params)
-    return dict(_params_by_primary(cfg).get(registry.primary(student_symbol), {}))
+    return dict(_layer_params(cfg).get(registry.primary(student_symbol), {}))
 
 
 def _check_positions(symbols: list[str], positions: list[int]) -> None:
@@ -284,7 +278,8 @@ def _check_positions(symbols: list[str], positions: list[int]) -> None:
         seen.add(p)
 
 
-def _attention_positions(symbols: list[str]) -> list[int]:
+def attention_positions(symbols: list[str]) -> list[int]:
+    """Indices of the attention layers among a pattern's layer symbols."""
     a = registry.primary("A")
     return [i for i, sym in enumerate(symbols) if registry.primary(sym) == a]
 
@@ -298,7 +293,7 @@ def student_model_config(model_cfg: ModelConfig, kept: list[int], student_symbol
     already uses the student symbol elsewhere with other parameters is refused (one symbol, one parameter set).
     """
     symbols = patterns.layer_symbols(model_cfg.pattern)
-    positions = _attention_positions(symbols) if positions is None else list(positions)
+    positions = attention_positions(symbols) if positions is None else list(positions)
     _check_positions(symbols, positions)
     _check_positions(symbols, list(kept))
     stray = sorted(set(kept) - set(positions))
@@ -306,10 +301,11 @@ def student_model_config(model_cfg: ModelConfig, kept: list[int], student_symbol
         raise ValueError(f"kept position(s) {stray} are not among the candidate positions {positions}")
     student = registry.primary(student_symbol)
     params = _student_params(model_cfg, student_symbol, student_params)
-    own = _params_by_primary(model_cfg).get(student, {})
+    own = _layer_params(model_cfg).get(student, {})
     replaced = set(positions) - set(kept)
     others_use_it = any(registry.primary(sym) == student for i, sym in enumerate(symbols) if i not in replaced)
-    if others_use_it and own != params:
+    spec = registry.get(student)
+    if others_use_it and dataclasses.asdict(spec.make_config(own)) != dataclasses.asdict(spec.make_config(params)):
         raise ValueError(f"the model already uses {student_symbol} with parameters {own}; the student's {params} "
                          f"would change those layers too")
     new_symbols = [student_symbol if i in replaced else sym for i, sym in enumerate(symbols)]
@@ -379,7 +375,7 @@ def layer_costs(model_cfg: ModelConfig, positions: list[int], student_symbol: st
         raise ValueError(f"seq_len and batch must be >= 1, got seq_len={seq_len}, batch={batch}")
     symbols = patterns.layer_symbols(model_cfg.pattern)
     _check_positions(symbols, positions)
-    params = _params_by_primary(model_cfg)
+    params = _layer_params(model_cfg)
     sparams = _student_params(model_cfg, student_symbol, student_params)
     n, d = len(symbols), model_cfg.d_model
     costs: list[float] = []
@@ -412,7 +408,7 @@ def base_cost(model_cfg: ModelConfig, positions: list[int], student_symbol: str,
     Keeping a set ``K`` gives a model of ``base_cost + sum(layer_costs(..., "state_bytes")[K])`` bytes."""
     symbols = patterns.layer_symbols(model_cfg.pattern)
     _check_positions(symbols, positions)
-    params = _params_by_primary(model_cfg)
+    params = _layer_params(model_cfg)
     sparams = _student_params(model_cfg, student_symbol, student_params)
     replaced = set(positions)
     total = 0

@@ -45,10 +45,11 @@ import torch
 from torch import nn
 
 from hybridnas import registry
+from hybridnas.config import HF_BLOCK_TYPES
 from hybridnas.model import HybridLM
 from hybridnas.schema import ModelConfig
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+LLAMA_FAMILY = HF_BLOCK_TYPES  # the model types converted into (AF)xL blocks; config.py checks teachers by it
 CONFIG_FILE = "config.json"
 
 

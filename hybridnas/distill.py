@@ -77,7 +77,7 @@ from hybridnas.schema import (  # noqa: F401 (DistillBudget re-exported with Stu
     TaskSpec,
     TrainConfig,
 )
-from hybridnas.storage import dead_local_trials, make_storage, record_process, storage_errors
+from hybridnas.storage import fail_dead_local_trials, make_storage, record_process, storage_errors
 from hybridnas.train import lr_at, make_optimizer, resolve_device
 from hybridnas.yamlio import atomic_write_text, write_json
 
@@ -373,8 +373,7 @@ def open_study(name: str, storage: str) -> optuna.Study:
     with storage_errors(storage):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(study_name=name, storage=st, direction="minimize", load_if_exists=True)
-        for t in dead_local_trials(study):
-            study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
+        fail_dead_local_trials(study, retry=False)
     return study
 
 

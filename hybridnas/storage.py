@@ -334,11 +334,13 @@ def dead_local_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return dead
 
 
-def fail_dead_local_trials(study: optuna.Study, log: Callable[[str], None] | None = None) -> list[int]:
+def fail_dead_local_trials(study: optuna.Study, log: Callable[[str], None] | None = None, *,
+                           retry: bool = True) -> list[int]:
     """Mark FAIL at once the RUNNING trials of this host's dead processes (a ``kill -9``, a crash), instead of
-    holding their slot of the trial cap until the heartbeat's grace period runs out, and retry each as a stale
-    heartbeat is retried (same parameters). The failed trial says why (``stale``). Returns their numbers."""
-    retry = _retry_callback()
+    holding their slot of the trial cap until the heartbeat's grace period runs out, and (``retry``) retry each as
+    a stale heartbeat is retried (same parameters; ``distill-search`` keys its runs itself and reruns them without
+    this). The failed trial says why (``stale``). Returns their numbers."""
+    retry_cb = _retry_callback() if retry else None
     storage = study._storage
     failed = []
     for t in dead_local_trials(study):
@@ -350,12 +352,14 @@ def fail_dead_local_trials(study: optuna.Study, log: Callable[[str], None] | Non
                 continue
         except UpdateFinishedTrialError:
             continue  # another process got there first
+        failed.append(t.number)
+        if retry_cb is None:
+            continue
         frozen = copy.deepcopy(storage.get_trial(t._trial_id))
         frozen.user_attrs.pop("stale", None)  # the retry inherits the trial's attributes, not its reason to fail
         before = {x.number for x in study.get_trials(deepcopy=False)}
-        retry(study, frozen)
+        retry_cb(study, frozen)
         new = sorted({x.number for x in study.get_trials(deepcopy=False)} - before)
-        failed.append(t.number)
         if log is not None:
             log(f"trial {t.number} was left RUNNING by {t.system_attrs[HOST_ATTR]}:{t.system_attrs[PID_ATTR]}, which "
                 "is gone: marked FAIL" + (f", retried as trial {new[0]}" if new else " (retried too often already)"))

@@ -76,20 +76,44 @@ def test_vandermonde_factors_hand_backward_gradcheck():
     assert P.dtype == torch.complex128 and P.grad_fn is not None and Q.shape == (2, 3, 3)
 
 
-@pytest.mark.parametrize("length, block", [(11, 4), (16, 4), (5, 8)])
-def test_kernel_from_factors_matches_vandermonde_and_gradcheck(length, block):
-    """K_l = 2 Re Σ_m W_m P_m[l % b] Q_m[l // b] as one real matmul per channel, its backward by hand."""
-    from layers.ops.s4_kernel.chunked import kernel_from_factors, vandermonde, vandermonde_factors
+@pytest.mark.parametrize("length, block", [(11, 4), (16, 4), (5, 8), (1, 1), (9, 2)])
+def test_s4d_kernel_matches_vandermonde_and_gradcheck(length, block):
+    """K_l = 2 Re Σ_m W_m exp(l·ΔA_m) from lag-major factors and one real matmul per channel, its fused backward
+    (∂W, ∂Δ, ∂A) by hand, against finite differences in float64."""
+    from layers.ops.s4_kernel.chunked import s4d_kernel, vandermonde
 
     dt, A = _modes(seed=length)
     g = torch.Generator().manual_seed(1)
     W = torch.randn(2, 3, generator=g, dtype=torch.complex128)
-    P, Q = vandermonde_factors(dt, A, length, block)
-    K = kernel_from_factors(W, P, Q, length)
+    K = s4d_kernel(dt, A, W, length, block)
     want = 2 * torch.einsum("hm,hml->hl", W, vandermonde(dt, A, length)).real
     assert K.shape == (2, length) and torch.allclose(K, want, atol=1e-12)
-    args = tuple(x.clone().requires_grad_(True) for x in (W, P, Q))
-    assert torch.autograd.gradcheck(lambda w, p, q: kernel_from_factors(w, p, q, length), args)
+    args = tuple(x.clone().requires_grad_(True) for x in (dt, A, W))
+    assert torch.autograd.gradcheck(lambda d, a, w: s4d_kernel(d, a, w, length, block), args)
+
+
+def test_s4d_kernel_one_sided_gradients_and_fp32():
+    """Only the inputs that ask for a gradient get one; fp32 kernels and their gradients against float64."""
+    from layers.ops.s4_kernel.chunked import s4d_kernel
+
+    dt, A = _modes(h=3, m=4, seed=5)
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(3, 4, generator=g, dtype=torch.complex128)
+    gk = torch.randn(3, 300, generator=g, dtype=torch.float64)
+    w32 = W.to(torch.complex64).requires_grad_(True)
+    K32 = s4d_kernel(dt.float(), A.to(torch.complex64), w32, 300)
+    (g32,) = torch.autograd.grad((K32 * gk.float()).sum(), w32)
+    w64 = W.clone().requires_grad_(True)
+    a64 = A.clone().requires_grad_(True)
+    K64 = s4d_kernel(dt, a64, w64, 300)
+    g64w, g64a = torch.autograd.grad((K64 * gk).sum(), (w64, a64))
+    assert K32.dtype == torch.float32 and ((K32.double() - K64).norm() / K64.norm()).item() <= 1e-6
+    assert ((g32.to(torch.complex128) - g64w).norm() / g64w.norm()).item() <= 1e-6
+    d32 = dt.float().requires_grad_(True)
+    a32 = A.to(torch.complex64).requires_grad_(True)
+    gd, ga = torch.autograd.grad((s4d_kernel(d32, a32, W.to(torch.complex64), 300) * gk.float()).sum(), (d32, a32))
+    assert ((ga.to(torch.complex128) - g64a).norm() / g64a.norm()).item() <= 1e-5
+    assert gd.shape == (3,) and torch.isfinite(gd).all()
 
 
 def test_vandermonde_factors_accurate_against_float64_at_long_range():

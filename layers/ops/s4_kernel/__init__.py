@@ -24,16 +24,16 @@ import torch
 from layers.ops import dispatch
 from layers.ops.s4_kernel.chunked import (
     fft_causal_conv,
-    kernel_from_factors,
     s4d_fft,
+    s4d_kernel,
     vandermonde,
     vandermonde_factors,
 )
 from layers.ops.s4_kernel.hippo import INITS, hippo_legs, legs_normal_part, s4d_init
 from layers.ops.s4_kernel.naive import discretize, s4d_naive
 
-__all__ = ["BACKENDS", "INITS", "discretize", "fft_causal_conv", "hippo_legs", "kernel_from_factors",
-           "legs_normal_part", "s4d_conv", "s4d_fft", "s4d_init", "s4d_naive", "vandermonde", "vandermonde_factors"]
+__all__ = ["BACKENDS", "INITS", "discretize", "fft_causal_conv", "hippo_legs", "legs_normal_part", "s4d_conv",
+           "s4d_fft", "s4d_init", "s4d_kernel", "s4d_naive", "vandermonde", "vandermonde_factors"]
 
 BACKENDS: dict[str, Any] = {"naive": s4d_naive, "chunked": s4d_fft}
 dispatch.register("s4_kernel", BACKENDS)

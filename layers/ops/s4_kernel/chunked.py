@@ -67,25 +67,49 @@ def _interleaved(Z: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(Z).transpose(-1, -2).reshape(h, 2 * m, length)
 
 
+def _bases(dt: torch.Tensor, A: torch.Tensor, strides: list[int]) -> torch.Tensor:
+    """``exp(s·Δ_h·A_hm)`` for each ``s`` in ``strides``: ``(H, M, len(strides))`` complex128, every phase formed
+    and reduced mod 2π in float64, all in one pass (one op per step for every stride: the per-stride ops, twelve
+    ``polar`` calls on ``(H, M)`` among them, cost more in dispatch than in arithmetic)."""
+    dt64 = dt.to(torch.float64)[:, None, None]
+    s = torch.tensor(strides, dtype=torch.float64, device=dt.device)
+    log_mag = (dt64 * A.real.to(torch.float64)[..., None]) * s
+    phase = (dt64 * A.imag.to(torch.float64)[..., None]) * s
+    phase = phase - 2 * math.pi * torch.round(phase * (0.5 / math.pi))
+    return torch.polar(torch.exp(log_mag), phase)
+
+
+def _doubled(bases: torch.Tensor, count: int) -> torch.Tensor:
+    """``(H, M, count)`` with entry ``j`` the product of ``bases[..., i]`` over the set bits ``i`` of ``j``: entries
+    ``[n, 2n)`` are entries ``[0, n)`` times ``bases[..., log2 n]``."""
+    out = torch.empty(*bases.shape[:-1], count, dtype=bases.dtype, device=bases.device)
+    out[..., 0] = 1
+    n, i = 1, 0
+    while n < count:
+        k = min(n, count - n)
+        out[..., n:n + k] = out[..., :k] * bases[..., i, None]  # (no out= into a strided slice: torch.compile breaks)
+        n, i = 2 * n, i + 1
+    return out
+
+
 def _powers(dt: torch.Tensor, A: torch.Tensor, count: int, stride: int) -> torch.Tensor:
     """``exp(j·stride·Δ_h·A_hm)`` for ``j < count``: ``(H, M, count)``, by doubling in complex128: entries
     ``[n, 2n)`` are entries ``[0, n)`` times ``exp(n·stride·ΔA)``, each base exponential taken from a float64 phase
     reduced mod 2π, so an entry is a product of at most log2(count) float64 factors (relative error ~1e-15 before
     the cast). Elementwise only complex multiplies: the exp, cos and sin of every entry (as :func:`_exp_lags` takes
     them) measured 5x slower."""
-    dt64 = dt.to(torch.float64)[:, None]
-    z_re, z_im = dt64 * A.real.to(torch.float64), dt64 * A.imag.to(torch.float64)  # (H, M)
-    out = torch.empty(*z_re.shape, count, dtype=torch.complex128, device=dt.device)
-    out[..., 0] = 1
-    n = 1
-    while n < count:
-        k = min(n, count - n)
-        phase = z_im * (n * stride)
-        phase = phase - 2 * math.pi * torch.round(phase * (0.5 / math.pi))
-        base = torch.polar(torch.exp(z_re * (n * stride)), phase)  # exp(n·stride·ΔA), (H, M)
-        out[..., n:n + k] = out[..., :k] * base[..., None]  # (no out= into a strided slice: torch.compile breaks)
-        n *= 2
+    out = _doubled(_bases(dt, A, [stride << i for i in range(max(count - 1, 0).bit_length())]), count)
     return out if dt.dtype == torch.float64 else out.to(torch.complex64)
+
+
+def _factor_pair(dt: torch.Tensor, A: torch.Tensor, block: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(_powers(dt, A, block, 1), _powers(dt, A, blocks, block))`` from one :func:`_bases` call for both."""
+    n_p, n_q = max(block - 1, 0).bit_length(), max(blocks - 1, 0).bit_length()
+    bases = _bases(dt, A, [1 << i for i in range(n_p)] + [block << i for i in range(n_q)])
+    P, Q = _doubled(bases[..., :n_p], block), _doubled(bases[..., n_p:], blocks)
+    if dt.dtype == torch.float64:
+        return P, Q
+    return P.to(torch.complex64), Q.to(torch.complex64)
 
 
 def vandermonde(dt: torch.Tensor, A: torch.Tensor, length: int) -> torch.Tensor:
@@ -106,7 +130,7 @@ class _VandermondeFactors(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dt, A, length, block):
-        P, Q = _powers(dt, A, block, 1), _powers(dt, A, -(-length // block), block)
+        P, Q = _factor_pair(dt, A, block, -(-length // block))
         ctx.save_for_backward(dt, A, P, Q)
         return P, Q
 
@@ -138,105 +162,153 @@ def vandermonde_factors(dt: torch.Tensor, A: torch.Tensor, length: int,
     return _VandermondeFactors.apply(dt, A, length, block or lag_block(length))
 
 
-class _KernelFromFactors(torch.autograd.Function):
-    """``K_l = 2 Re Σ_m W_m Q_m[s] P_m[t]``, ``l = s·b + t < T``, as one real matmul per channel: with
-    ``X = W ⊙ Q`` the real part is ``[Re X, -Im X]ᵀ @ [Re P; Im P]`` (inner size 2M, the real and imaginary rows
-    interleaved), half the work of a complex matmul whose imaginary part is thrown away. Backward:
-    ``∂X = conj(P) @ ∂Kᵀ``, ``∂P = conj(X) @ ∂K`` (each one real matmul whose (re, im) output pairs view as complex),
-    ``∂W = Σ_s ∂X·conj(Q)``, ``∂Q = ∂X·conj(W)``, with ``∂K`` doubled and zero-padded to whole blocks."""
+def _time_major_powers(dt: torch.Tensor, A: torch.Tensor, block: int, blocks: int,
+                       conj: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``P[h, t, m] = exp(t·z)`` for ``t < block`` and ``Q[h, s, m] = exp(s·block·z)`` for ``s < blocks``,
+    ``z = Δ_h·A_hm`` (conjugated when ``conj``), lag-major: ``(H, block, M)`` and ``(H, blocks, M)``, by doubling in
+    complex128 from one :func:`_bases` call, cast to ``dt``'s complex type. In this layout ``view_as_real`` gives the
+    real matmul operands ``(H, L, 2M)`` (``Re, Im`` interleaved) without a copy."""
+    n_p, n_q = max(block - 1, 0).bit_length(), max(blocks - 1, 0).bit_length()
+    bases = _bases(dt, A, [1 << i for i in range(n_p)] + [block << i for i in range(n_q)])
+    if conj:
+        bases = bases.conj()
+    bases = bases.transpose(1, 2)  # (H, n, M)
+    out = []
+    for count, base in ((block, bases[:, :n_p]), (blocks, bases[:, n_p:])):
+        v = torch.empty(base.shape[0], count, base.shape[-1], dtype=torch.complex128, device=base.device)
+        v[:, 0] = 1
+        n, i = 1, 0
+        while n < count:
+            k = min(n, count - n)
+            v[:, n:n + k] = v[:, :k] * base[:, i, None]
+            n, i = 2 * n, i + 1
+        out.append(v if dt.dtype == torch.float64 else v.to(torch.complex64))
+    return out[0], out[1]
+
+
+class _S4DKernel(torch.autograd.Function):
+    """``K_l = 2 Re Σ_m W_m exp(l·z_m)``, ``z = Δ·A``, ``l = s·b + t < T``, in one Function: the factors
+    ``exp(t·z)`` and ``exp(s·b·z)`` (:func:`_time_major_powers`, lag-major) and one real matmul per channel,
+    ``K[s, t] = [Re X, Im X] @ [Re P, -Im P]ᵀ`` with ``X = W·Q`` (inner size 2M). The backward contracts the kernel's
+    gradient with the factors in their own layouts: with ``E_l = exp(l·z)``,
+
+        ∂W = 2 Σ_l g_l conj(E_l),   ∂z = 2 conj(W) Σ_l l·g_l conj(E_l)
+
+    (PyTorch's convention for complex gradients), and ``Σ_l v_l conj(E_l) = Σ_s conj(Q_s) Σ_t v[s, t] conj(P_t)``:
+    one real matmul of ``[g; l·g]`` (stacked, ``(2·T2 x b)``) with the interleaved ``conj(P)``, then a product with
+    ``conj(Q)`` summed over ``s``; ``∂A = Δ·∂z``, ``∂Δ = Re Σ_m ∂z·conj(A)``. The earlier split into a factors
+    Function and a kernel Function materialised the factors' gradients and transposed them between the two: 2x the
+    time of this one for the kernel's forward + backward at H 128, N 64, T 4096."""
 
     @staticmethod
-    def forward(ctx, W, P, Q, length):
-        h, m, b = P.shape
-        t2 = Q.shape[-1]
-        X = W[..., None] * Q  # (H, M, T2)
-        left = _interleaved(X)  # (H, 2M, T2): Re X_m, Im X_m rows in turn
-        left.view(h, m, 2, t2)[:, :, 1].neg_()  # Re X_m, -Im X_m: Re(X P) = Re X Re P - Im X Im P
-        right = _interleaved(P)  # (H, 2M, b)
-        K = torch.bmm(left.transpose(1, 2), right).reshape(h, t2 * b)[:, :length].mul_(2)
-        ctx.length = length
-        ctx.save_for_backward(W, Q, left, right)
+    def forward(ctx, dt, A, W, length, block):
+        blocks = -(-length // block)
+        Pc, Qc = _time_major_powers(dt, A, block, blocks, conj=True)  # conj(P) (H, b, M), conj(Q) (H, T2, M)
+        h, m = W.shape
+        X = W.conj()[:, None, :] * Qc  # conj(X)
+        left = torch.view_as_real(X).view(h, blocks, 2 * m)  # Re X, -Im X
+        right = torch.view_as_real(Pc).view(h, block, 2 * m)  # Re P, -Im P
+        left[..., 1::2].neg_()  # Re X, Im X: Re(X P) = Re X Re P - Im X Im P
+        K = torch.bmm(left, right.transpose(1, 2)).view(h, blocks * block)[:, :length].mul_(2)
+        ctx.length, ctx.block = length, block
+        ctx.save_for_backward(dt, A, W, Pc, Qc)
         return K
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_k):
-        W, Q, left, right = ctx.saved_tensors
-        with torch.autocast(right.device.type, enabled=False):  # a backward run inside autocast stays fp32
-            return _KernelFromFactors._backward(ctx, g_k, W, Q, left, right)
+        dt, A, W, Pc, Qc = ctx.saved_tensors
+        with torch.autocast(Pc.device.type, enabled=False):  # a backward run inside autocast stays fp32
+            return _S4DKernel._backward(ctx, g_k.to(Pc.real.dtype), dt, A, W, Pc, Qc)
 
     @staticmethod
-    def _backward(ctx, g_k, W, Q, left, right):
-        h, m2, b = right.shape
-        m = m2 // 2
-        t2 = Q.shape[-1]
+    def _backward(ctx, g_k, dt, A, W, Pc, Qc):
+        h, b, m = Pc.shape
+        t2 = Qc.shape[1]
         pad = t2 * b - ctx.length
-        g2 = (torch.nn.functional.pad(2 * g_k, (0, pad)) if pad else 2 * g_k).reshape(h, t2, b)
-        g_w = g_p = g_q = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            gx = torch.bmm(g2, right.transpose(1, 2)).view(h, t2, m, 2)  # (re, im) pairs of ∂K @ Pᵀ
-            gx[..., 1].neg_()  # ∂X = conj(P) @ ∂Kᵀ
-            g_x = torch.view_as_complex(gx).transpose(1, 2).contiguous()  # (H, M, T2) in Q's layout: the products
-            # with conj(Q), conj(W) and (in the factors' backward) conj(Q) again then run on contiguous operands
-            if ctx.needs_input_grad[0]:
-                g_w = (g_x * Q.conj()).sum(-1)
-            if ctx.needs_input_grad[2]:
-                g_q = g_x * W.conj()[..., None]
-        if ctx.needs_input_grad[1]:
-            gp = torch.bmm(g2.transpose(1, 2), left.transpose(1, 2)).view(h, b, m, 2)  # ∂P = conj(X) @ ∂K
-            g_p = torch.view_as_complex(gp).transpose(1, 2).contiguous()  # (H, M, b) in P's layout
-        return g_w, g_p, g_q, None
+        g = torch.empty(h, 2, t2 * b, dtype=g_k.dtype, device=g_k.device)  # [g; l·g], each (T2 x b) per channel
+        if pad:
+            g[:, :, ctx.length:] = 0
+        g[:, 0, :ctx.length] = g_k
+        torch.mul(g_k, torch.arange(ctx.length, dtype=g_k.dtype, device=g_k.device), out=g[:, 1, :ctx.length])
+        Y = torch.bmm(g.view(h, 2 * t2, b), torch.view_as_real(Pc).view(h, b, 2 * m))  # Σ_t v[s, t] conj(P_t)
+        Y = torch.view_as_complex(Y.view(h, 2, t2, m, 2))
+        need_z = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        g_w = 2 * (Qc * Y[:, 0]).sum(1) if ctx.needs_input_grad[2] else None
+        g_dt = g_a = None
+        if need_z:
+            g_z = 2 * W.conj() * (Qc * Y[:, 1]).sum(1)
+            g_dt = (g_z * A.conj()).real.sum(-1).to(dt.dtype) if ctx.needs_input_grad[0] else None
+            g_a = (g_z * dt.to(g_z.real.dtype)[:, None]).to(A.dtype) if ctx.needs_input_grad[1] else None
+        if g_w is not None:
+            g_w = g_w.to(W.dtype)
+        return g_dt, g_a, g_w, None, None
 
 
-def kernel_from_factors(W: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, length: int) -> torch.Tensor:
-    """The S4D convolution kernel ``K_l = 2 Re Σ_m W_m exp(l·ΔA_m)`` for ``l < length`` from the factors of
-    :func:`vandermonde_factors` and ``W = C·dB`` ``(H, M)``: real ``(H, length)``."""
-    return _KernelFromFactors.apply(W, P, Q, length)
+def s4d_kernel(dt: torch.Tensor, A: torch.Tensor, W: torch.Tensor, length: int,
+               block: int | None = None) -> torch.Tensor:
+    """The S4D convolution kernel ``K_l = 2 Re Σ_m W_m exp(l·Δ_h·A_hm)`` for ``l < length``, ``W = C·dB`` ``(H, M)``:
+    real ``(H, length)`` (float32; float64 for float64 ``dt``), differentiable in ``dt``, ``A`` and ``W`` with the
+    backward by hand. ``block``: the lag factorisation's block (default :func:`lag_block`)."""
+    return _S4DKernel.apply(dt, A, W, length, block or lag_block(length))
 
 
 class _FFTCausalConv(torch.autograd.Function):
     """``y = irfft(rfft(u, 2T)·rfft(K, 2T))[:T]`` with a backward that reuses the forward spectra: the gradients are
     the causal correlations ``∂u = irfft(conj(K̂)·Ĝ)[:T]`` and ``∂K = irfft(Σ_b conj(Û_b)·Ĝ_b)[:T]`` with
     ``Ĝ = rfft(gy, 2T)`` (gy zero-padded, so lags past T-1 read zeros), three real FFTs where autograd through
-    rfft/irfft ran two full complex FFTs and the zero-filled slice and pad backwards."""
+    rfft/irfft ran two full complex FFTs and the zero-filled slice and pad backwards.
+
+    ``time_major``: ``u``, ``y`` and their gradients are ``(B, T, H)``; the FFTs read the transposed view directly
+    (pocketfft's strided read costs less than a transposed copy) and ``y`` is written once, contiguous, in the
+    caller's layout. Returning the ``(B, H, T)`` result as a transposed view instead made every element-wise op
+    after it (the layer's ``D·u`` and GELU, a loss) run on a strided tensor: 5x slower for a squared-error loss at
+    T 4096, H 128."""
 
     @staticmethod
-    def forward(ctx, u, K):
-        t_len = u.shape[-1]
+    def forward(ctx, u, K, time_major):
+        t_len = u.shape[1] if time_major else u.shape[-1]
         n = 2 * t_len
-        u_f = torch.fft.rfft(u, n=n)
+        u_f = torch.fft.rfft(u.transpose(1, 2) if time_major else u, n=n)
         k_f = torch.fft.rfft(K, n=n)
-        y = torch.fft.irfft(u_f * k_f, n=n)[..., :t_len]
-        ctx.save_for_backward(u_f, k_f)
-        return y.contiguous()
+        y = torch.fft.irfft(u_f.mul_(k_f) if not ctx.needs_input_grad[1] else u_f * k_f, n=n)[..., :t_len]
+        ctx.time_major = time_major
+        # u_f is only needed for K's gradient (it was multiplied in place above when that is not asked for)
+        ctx.save_for_backward(u_f if ctx.needs_input_grad[1] else None, k_f)
+        return y.transpose(1, 2).contiguous() if time_major else y.contiguous()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
         u_f, k_f = ctx.saved_tensors
-        with torch.autocast(u_f.device.type, enabled=False):  # a backward run inside autocast stays fp32
+        with torch.autocast(k_f.device.type, enabled=False):  # a backward run inside autocast stays fp32
             return _FFTCausalConv._backward(ctx, gy, u_f, k_f)
 
     @staticmethod
     def _backward(ctx, gy, u_f, k_f):
+        if ctx.time_major:
+            gy = gy.transpose(1, 2)
         t_len = gy.shape[-1]
         n = 2 * t_len
         g_f = torch.fft.rfft(gy, n=n)
         g_u = g_k = None
         if ctx.needs_input_grad[0]:
             g_u = torch.fft.irfft(g_f * k_f.conj(), n=n)[..., :t_len]
+            if ctx.time_major:
+                g_u = g_u.transpose(1, 2).contiguous()
         if ctx.needs_input_grad[1]:
             prod = g_f.mul_(u_f.conj())
             if prod.dim() == 3:  # summed over the batch (a view of the only one: no copy at batch 1)
                 prod = prod[0] if prod.shape[0] == 1 else prod.sum(0)
             g_k = torch.fft.irfft(prod, n=n)[..., :t_len]
-        return g_u, g_k
+        return g_u, g_k, None
 
 
-def fft_causal_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+def fft_causal_conv(u: torch.Tensor, K: torch.Tensor, *, time_major: bool = False) -> torch.Tensor:
     """Causal convolution ``y[b, h, t] = Σ_{s<=t} K[h, t-s]·u[b, h, s]`` of real ``u (B, H, T)`` with real
-    ``K (H, T)`` by FFTs zero-padded to ``2T`` (no wrap-around), with a hand-written backward."""
-    return _FFTCausalConv.apply(u, K)
+    ``K (H, T)`` by FFTs zero-padded to ``2T`` (no wrap-around), with a hand-written backward. ``time_major``:
+    ``u`` and the contiguous result are ``(B, T, H)`` (the layers' layout) instead."""
+    return _FFTCausalConv.apply(u, K, time_major)
 
 
 def s4d_fft(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, C: torch.Tensor,
@@ -252,31 +324,36 @@ def _s4d_fft(u, dt, A, C, state, want_state):
         return s4d_naive(u, dt, A, C, state, want_state=want_state)
     dA, dB = discretize(dt, A)
     Cc = C.to(torch.complex64)
-    uf = u.to(torch.float32).transpose(1, 2)  # (B, H, T)
+    u32 = u.to(torch.float32)  # (B, T, H): the FFTs read it transposed, y comes back in this layout
     if t_len == 0:
         x0 = state.to(torch.complex64) if state is not None else torch.zeros(bsz, h, A.shape[-1],
                                                                                dtype=torch.complex64, device=u.device)
         return u.new_zeros(bsz, 0, h), (x0 if want_state else None)
-    P, Q = vandermonde_factors(dt, A, t_len)  # (H, M, b), (H, M, T2): exp(l·ΔA) = P[l % b]·Q[l // b]
-    b, t2 = P.shape[-1], Q.shape[-1]
-    # K_l = 2 Re Σ_m W_m P_m[l % b] Q_m[l // b]: one (T2 x M) @ (M x b) product per channel
-    K = kernel_from_factors(Cc * dB, P, Q, t_len)
-    y = fft_causal_conv(uf, K)
+    # K_l = 2 Re Σ_m W_m exp(l·ΔA_m): one (T2 x 2M) @ (2M x b) real product per channel
+    K = s4d_kernel(dt, A, Cc * dB, t_len)
+    if state is not None or want_state:
+        P, Q = vandermonde_factors(dt, A, t_len)  # (H, M, b), (H, M, T2): exp(l·ΔA) = P[l % b]·Q[l // b]
+        b, t2 = P.shape[-1], Q.shape[-1]
+    y = fft_causal_conv(u32, K, time_major=True)  # (B, T, H), contiguous
     if state is not None:
         x0 = state.to(torch.complex64)
         Z = (Cc * dA * x0)[..., None] * Q  # (B, H, M, T2)
-        y = y + 2 * torch.einsum("bhms,hmt->bhst", Z, P).reshape(bsz, h, t2 * b)[..., :t_len].real
+        y = y + 2 * torch.einsum("bhms,hmt->bhst", Z, P).reshape(bsz, h, t2 * b)[..., :t_len].real.transpose(1, 2)
     new_state = None
     if want_state:
-        # Σ_l dA^{T-1-l} u_l = Σ_j dA^j u_{T-1-j}, j = s·b + t
-        flipped = torch.nn.functional.pad(uf.flip(-1), (0, t2 * b - t_len)).reshape(bsz, h, t2, b)
+        # Σ_l dA^{T-1-l} u_l over the input zero-padded in front to T2·b: with l' = l + pad = s·b + t the power is
+        # T2·b-1-l' = (T2-1-s)·b + (b-1-t), so it contracts with P and Q reversed (small) instead of the input
+        # reversed (a full copy)
+        pad = t2 * b - t_len
+        front = u32.new_zeros(bsz, h, t2 * b) if pad else u32.new_empty(bsz, h, t2 * b)
+        front[..., pad:] = u32.transpose(1, 2)  # the one transposed copy: bmm needs H as its batch
         # the input is real: contract it with Re P and Im P stacked (one real matmul, inner size b) rather than
         # casting it to complex for a complex matmul
         m = P.shape[1]
-        R2 = torch.einsum("bhst,hkt->bhsk", flipped, _interleaved(P))  # (B, H, T2, 2M), (re, im) pairs
-        R = torch.view_as_complex(R2.contiguous().view(*R2.shape[:-1], m, 2))
-        new_state = dB * torch.einsum("bhsm,hms->bhm", R, Q)
+        R2 = torch.einsum("bhst,hkt->bhsk", front.view(bsz, h, t2, b), _interleaved(P.flip(-1)))
+        R = torch.view_as_complex(R2.reshape(*R2.shape[:-1], m, 2))  # (B, H, T2, M)
+        new_state = dB * (R * Q.flip(-1).transpose(1, 2)).sum(-2)
         if state is not None:
             last = P[..., (t_len - 1) % b] * Q[..., (t_len - 1) // b]  # exp((T-1)·ΔA)
             new_state = new_state + dA * last * x0
-    return y.transpose(1, 2).to(u.dtype), new_state
+    return y.to(u.dtype), new_state

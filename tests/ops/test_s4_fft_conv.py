@@ -64,18 +64,6 @@ def _modes(h: int = 2, m: int = 3, seed: int = 0):
     return dt, A
 
 
-def test_vandermonde_factors_hand_backward_gradcheck():
-    """The factors' backward (dz = Σ_l l·g_l·conj(exp(l z)), z = ΔA) against finite differences, float64."""
-    from layers.ops.s4_kernel.chunked import vandermonde_factors
-
-    dt, A = _modes()
-    dt.requires_grad_(True)
-    A.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda d, a: vandermonde_factors(d, a, 11, 4), (dt, A))
-    P, Q = vandermonde_factors(dt, A, 11, 4)
-    assert P.dtype == torch.complex128 and P.grad_fn is not None and Q.shape == (2, 3, 3)
-
-
 @pytest.mark.parametrize("length, block", [(11, 4), (16, 4), (5, 8), (1, 1), (9, 2)])
 def test_s4d_kernel_matches_vandermonde_and_gradcheck(length, block):
     """K_l = 2 Re Σ_m W_m exp(l·ΔA_m) from lag-major factors and one real matmul per channel, its fused backward
@@ -116,22 +104,6 @@ def test_s4d_kernel_one_sided_gradients_and_fp32():
     assert gd.shape == (3,) and torch.isfinite(gd).all()
 
 
-def test_vandermonde_factors_accurate_against_float64_at_long_range():
-    """The factors built by doubling from float64-phase exponentials: P[l % b]·Q[l // b] within 1.5e-7 of a float64
-    exp(l·ΔA) over 8192 lags for S4D-Inv's fastest modes (the per-entry fp32 exp/cos/sin form gave 2.6e-7)."""
-    from layers.ops.s4_kernel.chunked import vandermonde_factors
-
-    real, imag = s4d_init("inv", 64)
-    A = torch.complex(real, imag)[None].repeat(3, 1)
-    dt = torch.tensor([0.1, 0.01, 0.001])
-    P, Q = vandermonde_factors(dt, A, 8192)
-    b = P.shape[-1]
-    lags = torch.arange(8192)
-    V = P[..., lags % b].to(torch.complex128) * Q[..., lags // b].to(torch.complex128)
-    ref = torch.exp(dt.double()[:, None, None] * A.to(torch.complex128)[..., None] * lags.double())
-    assert P.dtype == torch.complex64 and (V - ref).abs().max().item() <= 1.5e-7
-
-
 @pytest.mark.parametrize("bsz, length", [(1, 16), (2, 11), (3, 5), (1, 1), (2, 64)])
 def test_s4d_state_sum_matches_direct_sum_and_gradcheck(bsz, length):
     """Σ_l u_l exp((T-1-l)·ΔA) from front-padded input and reversed lag-major factors, its backward (∂u, ∂Δ, ∂A) by
@@ -167,3 +139,19 @@ def test_lag_major_factors_accurate_against_float64_at_long_range():
         assert (V - (ref.conj() if conj else ref)).abs().max().item() <= 1.5e-7
     with pytest.raises(ValueError, match="power of two"):
         _time_major_powers(dt, A, 6, 3, conj=False)
+
+
+def test_s4d_kernel_with_a_w_per_row_and_gradcheck():
+    """W (B, H, M) gives one kernel per row (the carried state's contribution, W = C·dA·x0): each equals the kernel
+    of its own W, and the fused backward (∂W per row, ∂Δ and ∂A summed over rows) passes gradcheck."""
+    from layers.ops.s4_kernel.chunked import s4d_kernel
+
+    dt, A = _modes(seed=7)
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(3, 2, 3, generator=g, dtype=torch.complex128)
+    K = s4d_kernel(dt, A, W, 13, 4)
+    assert K.shape == (3, 2, 13)
+    for r in range(3):
+        assert torch.allclose(K[r], s4d_kernel(dt, A, W[r], 13, 4), atol=1e-13)
+    args = tuple(x.clone().requires_grad_(True) for x in (dt, A, W))
+    assert torch.autograd.gradcheck(lambda d, a, w: s4d_kernel(d, a, w, 13, 4), args)

@@ -12,13 +12,13 @@ from layers.ops import dispatch
 from layers.ops.s4_kernel import (
     discretize,
     hippo_legs,
+    lag_factors,
     legs_normal_part,
     s4d_conv,
     s4d_fft,
     s4d_init,
     s4d_naive,
     vandermonde,
-    vandermonde_factors,
 )
 
 B, H, N = 2, 3, 8
@@ -167,19 +167,21 @@ def test_dispatch_selects_backend():
 
 
 @pytest.mark.parametrize("length", [1, 5, 64, 300])
-@pytest.mark.parametrize("block", [None, 1, 7, 64])
-def test_vandermonde_factors_give_the_vandermonde_matrix(length, block):
-    """exp(l·ΔA) = P[l % b]·Q[l // b]: the factorised form the FFT path contracts over, against the full matrix
-    (fast S4D-Inv modes at Δ = 0.1, where the phase turns fastest)."""
+@pytest.mark.parametrize("block", [None, 1, 8, 64])
+@pytest.mark.parametrize("conj", [False, True])
+def test_lag_factors_give_the_vandermonde_matrix(length, block, conj):
+    """exp(l·ΔA) = P[l % b]·Q[l // b] (lag-major): the factorised form the FFT path contracts over, against the full
+    matrix (fast S4D-Inv modes at Δ = 0.1, where the phase turns fastest), conjugated when asked."""
     real, imag = s4d_init("inv", 16)
     A = torch.complex(real, imag).repeat(2, 1)
     dt = torch.tensor([0.1, 0.003])
-    P, Q = vandermonde_factors(dt, A, length, block)
-    b = P.shape[-1]
-    assert Q.shape[-1] * b >= length > (Q.shape[-1] - 1) * b
+    P, Q = lag_factors(dt, A, length, block, conj=conj)
+    b = P.shape[1]
+    assert Q.shape[1] * b >= length > (Q.shape[1] - 1) * b and P.shape == (2, b, 8)
     l = torch.arange(length)
-    V = P[..., l % b] * Q[..., l // b]
-    assert (V - vandermonde(dt, A, length)).abs().max() <= 1e-6
+    V = (P[:, l % b] * Q[:, l // b]).transpose(1, 2)
+    want = vandermonde(dt, A, length)
+    assert (V - (want.conj() if conj else want)).abs().max() <= 1e-6
 
 
 @pytest.mark.parametrize("carry", [False, True], ids=["zero-state", "carried-state"])

@@ -10,7 +10,7 @@ Shapes (B batch, T length, H channels, M = N/2 stored complex modes, one of each
 
 Backends (``BACKENDS``): ``naive`` (the recurrence token by token, the oracle) and ``chunked`` (the FFT
 convolution with a Vandermonde kernel, zero-padded to 2T; the carried state in and out exactly; its FFT
-convolution, Vandermonde factors and kernel have hand-written backwards); no Triton kernel. ``backend=`` or
+convolution, kernel and final state have hand-written backwards); no Triton kernel. ``backend=`` or
 :mod:`layers.ops.dispatch` picks one. :mod:`layers.ops.s4_kernel.hippo` holds HiPPO-LegS (:func:`hippo_legs`) and
 the S4D initialisations.
 """
@@ -24,16 +24,16 @@ import torch
 from layers.ops import dispatch
 from layers.ops.s4_kernel.chunked import (
     fft_causal_conv,
+    lag_factors,
     s4d_fft,
     s4d_kernel,
     vandermonde,
-    vandermonde_factors,
 )
 from layers.ops.s4_kernel.hippo import INITS, hippo_legs, legs_normal_part, s4d_init
 from layers.ops.s4_kernel.naive import discretize, s4d_naive
 
-__all__ = ["BACKENDS", "INITS", "discretize", "fft_causal_conv", "hippo_legs", "legs_normal_part", "s4d_conv",
-           "s4d_fft", "s4d_init", "s4d_kernel", "s4d_naive", "vandermonde", "vandermonde_factors"]
+__all__ = ["BACKENDS", "INITS", "discretize", "fft_causal_conv", "hippo_legs", "lag_factors", "legs_normal_part",
+           "s4d_conv", "s4d_fft", "s4d_init", "s4d_kernel", "s4d_naive", "vandermonde"]
 
 BACKENDS: dict[str, Any] = {"naive": s4d_naive, "chunked": s4d_fft}
 dispatch.register("s4_kernel", BACKENDS)

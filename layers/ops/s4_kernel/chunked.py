@@ -5,36 +5,36 @@ Same signature and result as :func:`layers.ops.s4_kernel.naive.s4d_naive`.
 2. ``y = irfft(rfft(u, 2T)·rfft(K, 2T))[:T]``: zero-padding both to ``2T`` makes the circular convolution the
    causal one (at ``n = T`` later outputs would wrap onto earlier ones).
 3. A carried state ``x0`` adds ``2·Re(Σ_m C_m dA_m^{t+1} x0_m)`` to ``y_t``; the state after the chunk is
-   ``dA^T x0 + dB·Σ_l dA^{T-1-l} u_l`` (a transposed Vandermonde product on the reversed input), so prefill
-   hands decoding the exact recurrent state without replaying the prompt.
+   ``dA^T x0 + dB·Σ_l dA^{T-1-l} u_l`` (a transposed Vandermonde product), so prefill hands decoding the exact
+   recurrent state without replaying the prompt.
 
 The Vandermonde phase ``l·Δ·Im A`` is large for S4D-Inv's fast modes (about 128 rad a step at Δ = 0.1, N = 64),
 and the fp32 product ``(Δ·A)·l`` carries the rounding of ``Δ·A`` times l: against a float64 reference the plain
-complex64 ``exp`` errs by 5-8e-5 (N = 64, Δ in 1e-3…0.1, up to 8192 lags). The phase is therefore formed and
-reduced mod 2π in float64 before the fp32 complex exponential: 2.6e-7.
-The ``(H, M, T)`` Vandermonde matrix is never formed: with ``l = s·b + t`` (``b`` about sqrt(T)),
-``exp(l·ΔA) = P[t]·Q[s]``, and the kernel is one ``(T/b x M) @ (M x b)`` product per channel (the state sums
-contract over the two factors in turn). The factors are built by doubling in complex128 from ``2·log2 b``
-exponentials per mode, each from a float64-reduced phase (:func:`_powers`); against a float64 reference the factored
-``exp(l·ΔA)`` errs by 7e-8 at 8192 lags with S4D-Inv's fast modes. A single token (a decode step) takes the
-recurrence.
-Cost ``O(H·M·T)`` multiply-adds in matrix products for the kernel, ``O(B·H·T log T)`` for the convolution.
+complex64 ``exp`` errs by 5-8e-5 (N = 64, Δ in 1e-3…0.1, up to 8192 lags). The ``(H, M, T)`` Vandermonde matrix
+is never formed: with ``l = s·b + t`` (``b`` the power of two nearest above sqrt(T)), ``exp(l·ΔA) = P[t]·Q[s]``.
+The factors are built in complex128 from one exponential per mode (its phase reduced mod 2π in float64), its
+power-of-two powers by repeated squaring and the rest by doubling (:func:`_time_major_powers`); against a float64
+reference ``P[t]·Q[s]`` errs by under 1.5e-7 at 8192 lags with S4D-Inv's fast modes. A single token (a decode
+step) takes the recurrence. Cost ``O(H·M·T)`` multiply-adds in matrix products for the kernel and the final state,
+``O(B·H·T log T)`` for the convolution.
 
-Three pieces carry their own backward, so autograd never runs through the FFTs, the phases or a complex matmul:
-:class:`_FFTCausalConv` (the gradients are causal correlations computed from the forward spectra: one ``rfft`` of
-the output gradient and one ``irfft`` per input, where autograd through ``rfft``/``irfft`` ran two full complex FFTs
-and zero-filled pad and slice backwards), :class:`_VandermondeFactors` (``∂z = Σ_l l·g_l·conj(exp(l z))``) and
-:class:`_KernelFromFactors` (only the real part of the kernel is needed, so it is one real matmul on stacked real and
-imaginary parts, inner size 2M, and so is each backward product). The final state contracts the real input with
-``[Re P; Im P]`` instead of casting it to complex. Complex results are written as (re, im) pairs and viewed as
-complex (``torch.complex`` measured 6x slower), and the phase is reduced as ``x - 2π·round(x / 2π)`` (4x faster
-than ``torch.remainder``). Measured on the shared 2-core development machine (other sessions' jobs running, load
-average 4-7; one thread; medians of interleaved rounds in one run) at B 1, T 4096, H 128, N 64, forward +
-backward: 1.4x less CPU time than the previous version of this path (autograd through all of it) and 1.4-2.0x less
-wall time; 30-37x the recurrence under that load (the previous version 21-26x in the same runs; 30-34x on idle
-cores at 2 threads). What is left, in CPU time at one thread: about a third the six FFTs of ``128 x 8192`` points
-with their spectral products, a third the Vandermonde factors and the kernel (its matmuls are ``H·2M·T``
-multiply-adds each), a fifth the benchmark's own loss and transposes.
+Each piece carries its own backward, so autograd never runs through the FFTs, the phases or a complex matmul:
+
+- :class:`_S4DKernel`: the factors lag-major (``(H, b, M)``, ``(H, T2, M)``, so ``view_as_real`` gives the real
+  matmul operands without a copy) and ``K`` as one real matmul per channel of inner size 2M (only the real part is
+  needed); its backward gets ``∂W`` and ``∂(ΔA)`` together from one real matmul of ``[g; l·g]`` with the factor.
+- :class:`_S4DStateSum`: ``Σ_l u_l exp((T-1-l)·ΔA)`` against the factors reversed along their lags (not the input
+  reversed), sharing the kernel's factors; backward by hand.
+- :class:`_FFTCausalConv`: the gradients are causal correlations computed from the forward spectra (one ``rfft``
+  of the output gradient and one ``irfft`` per input); it reads and writes the layers' ``(B, T, H)`` layout.
+
+Measured (``experiments/ssm_lineage/bench_ops.py``, idle 2-core machine, B 1, T 4096, H 128, N 64, forward +
+backward, medians of interleaved rounds): about 61x the recurrence without the final state and 51-55x with it,
+where the previous version (a factors Function and a kernel Function that materialised and transposed the
+factors' gradients, the output a transposed view, the state through autograd) gave 44-50x and 41x. What is left:
+six FFTs of ``128 x 8192`` points (about 0.7-0.8 ms each here), four transposed copies between ``(B, T, H)`` and the
+FFTs' ``(B, H, T)`` (0.6-0.8 ms each: torch returns FFTs over a middle dimension in a permuted layout, which only
+moves the copy), the kernel's matmuls.
 """
 
 from __future__ import annotations
@@ -60,58 +60,6 @@ def _exp_lags(dt: torch.Tensor, A: torch.Tensor, steps: torch.Tensor) -> torch.T
     return torch.view_as_complex(torch.stack((mag * torch.cos(phase), mag * torch.sin(phase)), dim=-1))
 
 
-def _interleaved(Z: torch.Tensor) -> torch.Tensor:
-    """``(H, M, L)`` complex -> ``(H, 2M, L)`` real with rows ``Re Z_0, Im Z_0, Re Z_1, …``: a matmul over the 2M
-    rows then yields (re, im) pairs that view as complex without a copy."""
-    h, m, length = Z.shape
-    return torch.view_as_real(Z).transpose(-1, -2).reshape(h, 2 * m, length)
-
-
-def _bases(dt: torch.Tensor, A: torch.Tensor, strides: list[int]) -> torch.Tensor:
-    """``exp(s·Δ_h·A_hm)`` for each ``s`` in ``strides``: ``(H, M, len(strides))`` complex128, every phase formed
-    and reduced mod 2π in float64, all in one pass (one op per step for every stride: the per-stride ops, twelve
-    ``polar`` calls on ``(H, M)`` among them, cost more in dispatch than in arithmetic)."""
-    dt64 = dt.to(torch.float64)[:, None, None]
-    s = torch.tensor(strides, dtype=torch.float64, device=dt.device)
-    log_mag = (dt64 * A.real.to(torch.float64)[..., None]) * s
-    phase = (dt64 * A.imag.to(torch.float64)[..., None]) * s
-    phase = phase - 2 * math.pi * torch.round(phase * (0.5 / math.pi))
-    return torch.polar(torch.exp(log_mag), phase)
-
-
-def _doubled(bases: torch.Tensor, count: int) -> torch.Tensor:
-    """``(H, M, count)`` with entry ``j`` the product of ``bases[..., i]`` over the set bits ``i`` of ``j``: entries
-    ``[n, 2n)`` are entries ``[0, n)`` times ``bases[..., log2 n]``."""
-    out = torch.empty(*bases.shape[:-1], count, dtype=bases.dtype, device=bases.device)
-    out[..., 0] = 1
-    n, i = 1, 0
-    while n < count:
-        k = min(n, count - n)
-        out[..., n:n + k] = out[..., :k] * bases[..., i, None]  # (no out= into a strided slice: torch.compile breaks)
-        n, i = 2 * n, i + 1
-    return out
-
-
-def _powers(dt: torch.Tensor, A: torch.Tensor, count: int, stride: int) -> torch.Tensor:
-    """``exp(j·stride·Δ_h·A_hm)`` for ``j < count``: ``(H, M, count)``, by doubling in complex128: entries
-    ``[n, 2n)`` are entries ``[0, n)`` times ``exp(n·stride·ΔA)``, each base exponential taken from a float64 phase
-    reduced mod 2π, so an entry is a product of at most log2(count) float64 factors (relative error ~1e-15 before
-    the cast). Elementwise only complex multiplies: the exp, cos and sin of every entry (as :func:`_exp_lags` takes
-    them) measured 5x slower."""
-    out = _doubled(_bases(dt, A, [stride << i for i in range(max(count - 1, 0).bit_length())]), count)
-    return out if dt.dtype == torch.float64 else out.to(torch.complex64)
-
-
-def _factor_pair(dt: torch.Tensor, A: torch.Tensor, block: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(_powers(dt, A, block, 1), _powers(dt, A, blocks, block))`` from one :func:`_bases` call for both."""
-    n_p, n_q = max(block - 1, 0).bit_length(), max(blocks - 1, 0).bit_length()
-    bases = _bases(dt, A, [1 << i for i in range(n_p)] + [block << i for i in range(n_q)])
-    P, Q = _doubled(bases[..., :n_p], block), _doubled(bases[..., n_p:], blocks)
-    if dt.dtype == torch.float64:
-        return P, Q
-    return P.to(torch.complex64), Q.to(torch.complex64)
-
-
 def vandermonde(dt: torch.Tensor, A: torch.Tensor, length: int) -> torch.Tensor:
     """``exp(l·Δ_h·A_hm)`` for ``l < length``: ``(H, M, length)`` complex64, the phase reduced in float64."""
     return _exp_lags(dt, A, torch.arange(length, dtype=torch.float64, device=dt.device))
@@ -120,46 +68,6 @@ def vandermonde(dt: torch.Tensor, A: torch.Tensor, length: int) -> torch.Tensor:
 def lag_block(length: int) -> int:
     """The factorisation's block: the power of two nearest above sqrt(length), so both factors are ~sqrt(T) long."""
     return 1 << max(0, math.ceil(math.log2(max(length, 1)) / 2))
-
-
-class _VandermondeFactors(torch.autograd.Function):
-    """``(P, Q)`` of :func:`vandermonde_factors` with the backward by hand: each entry is ``exp(l·z)``, ``z = ΔA``,
-    so ``∂z = Σ_l l·g_l·conj(exp(l·z))`` (PyTorch's convention for a holomorphic map), then ``∂A = Δ·∂z`` and
-    ``∂Δ = Re Σ_m ∂z·conj(A)``. Autograd through the float64 phase, ``remainder``, ``cos``, ``sin`` and
-    ``complex`` took several full passes over both factors."""
-
-    @staticmethod
-    def forward(ctx, dt, A, length, block):
-        P, Q = _factor_pair(dt, A, block, -(-length // block))
-        ctx.save_for_backward(dt, A, P, Q)
-        return P, Q
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_p, g_q):
-        dt, A, P, Q = ctx.saved_tensors
-        with torch.autocast(P.device.type, enabled=False):  # a backward run inside autocast stays fp32
-            return _VandermondeFactors._backward(ctx, g_p, g_q, dt, A, P, Q)
-
-    @staticmethod
-    def _backward(ctx, g_p, g_q, dt, A, P, Q):
-        real = P.real.dtype
-        g_z = torch.zeros_like(P[..., 0])
-        for g, V in ((g_p, P), (g_q, Q)):
-            if g is not None:
-                lags = torch.arange(V.shape[-1], dtype=real, device=V.device) * (1 if V is P else P.shape[-1])
-                g_z = g_z + (g * V.conj()) @ lags.to(V.dtype)
-        g_dt = (g_z * A.conj()).real.sum(-1).to(dt.dtype) if ctx.needs_input_grad[0] else None
-        g_a = (g_z * dt.to(real)[:, None]).to(A.dtype) if ctx.needs_input_grad[1] else None
-        return g_dt, g_a, None, None
-
-
-def vandermonde_factors(dt: torch.Tensor, A: torch.Tensor, length: int,
-                        block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(P, Q)`` with ``exp(l·ΔA) = P[..., l % b] · Q[..., l // b]``: ``P (H, M, b)`` the lags below the block
-    ``b``, ``Q (H, M, ceil(T/b))`` the block starts. The kernel and the state sums contract over them one factor at a
-    time, never forming the ``(H, M, T)`` Vandermonde matrix. Differentiable in ``dt`` and ``A`` (backward by hand)."""
-    return _VandermondeFactors.apply(dt, A, length, block or lag_block(length))
 
 
 def _time_major_powers(dt: torch.Tensor, A: torch.Tensor, block: int, blocks: int,
@@ -173,7 +81,7 @@ def _time_major_powers(dt: torch.Tensor, A: torch.Tensor, block: int, blocks: in
     ``exp(2^i·z)`` by repeated squaring (relative error about ``2^i`` float64 roundings: 2e-13 at ``2^11``), then
     doubling along the lags (entries ``[n, 2n)`` are entries ``[0, n)`` times ``exp(n·z)``), so an entry is a product
     of at most ``log2`` of its lag such factors. Taking every power-of-two base from its own float64 exponential
-    instead (``_bases``) cost 5x the time here (float64 ``exp``, ``cos``, ``sin``)."""
+    instead cost 5x the time here (float64 ``exp``, ``cos``, ``sin``)."""
     if block < 1 or block & (block - 1):
         raise ValueError(f"the lag block must be a power of two, got {block}")
     n_p, n_q = max(block - 1, 0).bit_length(), max(blocks - 1, 0).bit_length()
@@ -216,15 +124,17 @@ class _S4DKernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dt, A, W, length, Pc, Qc):
         block, blocks = Pc.shape[1], Qc.shape[1]  # conj(P) (H, b, M), conj(Q) (H, T2, M): _time_major_powers
-        h, m = W.shape
-        X = W.conj()[:, None, :] * Qc  # conj(X)
-        left = torch.view_as_real(X).view(h, blocks, 2 * m)  # Re X, -Im X
-        right = torch.view_as_real(Pc).view(h, block, 2 * m)  # Re P, -Im P
+        h, m = W.shape[-2:]
+        Wg = W.reshape(-1, h, m)  # (G, H, M): a W per row of leading dimensions (one kernel each)
+        X = Wg.conj()[:, :, None, :] * Qc  # conj(X) (G, H, T2, M)
+        left = torch.view_as_real(X).view(-1, h, blocks, 2 * m)  # Re X, -Im X
         left[..., 1::2].neg_()  # Re X, Im X: Re(X P) = Re X Re P - Im X Im P
-        K = torch.bmm(left, right.transpose(1, 2)).view(h, blocks * block)[:, :length].mul_(2)
-        ctx.length, ctx.block = length, block
+        right = torch.view_as_real(Pc).view(h, block, 2 * m).transpose(1, 2)  # Re P, -Im P
+        K = torch.bmm(left[0], right)[None] if Wg.shape[0] == 1 else torch.matmul(left, right)
+        K = K.view(-1, h, blocks * block)[..., :length].mul_(2)
+        ctx.length = length
         ctx.save_for_backward(dt, A, W, Pc, Qc)
-        return K
+        return K.reshape(*W.shape[:-1], length)
 
     @staticmethod
     @once_differentiable
@@ -237,44 +147,59 @@ class _S4DKernel(torch.autograd.Function):
     def _backward(ctx, g_k, dt, A, W, Pc, Qc):
         h, b, m = Pc.shape
         t2 = Qc.shape[1]
+        g_k = g_k.reshape(-1, h, ctx.length)
+        n_w = g_k.shape[0]
         pad = t2 * b - ctx.length
-        g = torch.empty(h, 2, t2 * b, dtype=g_k.dtype, device=g_k.device)  # [g; l·g], each (T2 x b) per channel
+        g = torch.empty(n_w, h, 2, t2 * b, dtype=g_k.dtype, device=g_k.device)  # [g; l·g], each (T2 x b)
         if pad:
-            g[:, :, ctx.length:] = 0
-        g[:, 0, :ctx.length] = g_k
-        torch.mul(g_k, torch.arange(ctx.length, dtype=g_k.dtype, device=g_k.device), out=g[:, 1, :ctx.length])
-        Y = torch.bmm(g.view(h, 2 * t2, b), torch.view_as_real(Pc).view(h, b, 2 * m))  # Σ_t v[s, t] conj(P_t)
-        Y = torch.view_as_complex(Y.view(h, 2, t2, m, 2))
+            g[..., ctx.length:] = 0
+        g[:, :, 0, :ctx.length] = g_k
+        torch.mul(g_k, torch.arange(ctx.length, dtype=g_k.dtype, device=g_k.device), out=g[:, :, 1, :ctx.length])
+        right = torch.view_as_real(Pc).view(h, b, 2 * m)
+        if n_w == 1:
+            Y = torch.bmm(g.view(h, 2 * t2, b), right)  # Σ_t v[s, t] conj(P_t)
+        else:
+            Y = torch.matmul(g.view(n_w, h, 2 * t2, b), right)
+        Y = torch.view_as_complex(Y.view(n_w, h, 2, t2, m, 2))
         need_z = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        g_w = 2 * (Qc * Y[:, 0]).sum(1) if ctx.needs_input_grad[2] else None
+        g_w = 2 * (Qc * Y[:, :, 0]).sum(2) if ctx.needs_input_grad[2] else None
         g_dt = g_a = None
         if need_z:
-            g_z = 2 * W.conj() * (Qc * Y[:, 1]).sum(1)
+            g_z = 2 * (W.reshape(-1, h, m).conj() * (Qc * Y[:, :, 1]).sum(2)).sum(0)
             g_dt = (g_z * A.conj()).real.sum(-1).to(dt.dtype) if ctx.needs_input_grad[0] else None
             g_a = (g_z * dt.to(g_z.real.dtype)[:, None]).to(A.dtype) if ctx.needs_input_grad[1] else None
         if g_w is not None:
-            g_w = g_w.to(W.dtype)
+            g_w = g_w.reshape(W.shape).to(W.dtype)
         return g_dt, g_a, g_w, None, None, None
 
 
 def s4d_kernel(dt: torch.Tensor, A: torch.Tensor, W: torch.Tensor, length: int,
                block: int | None = None) -> torch.Tensor:
-    """The S4D convolution kernel ``K_l = 2 Re Σ_m W_m exp(l·Δ_h·A_hm)`` for ``l < length``, ``W = C·dB`` ``(H, M)``:
-    real ``(H, length)`` (float32; float64 for float64 ``dt``), differentiable in ``dt``, ``A`` and ``W`` with the
-    backward by hand. ``block``: the lag factorisation's block (default :func:`lag_block`)."""
-    block = block or lag_block(length)
-    with torch.no_grad():  # the Function's backward differentiates through the factors itself
-        Pc, Qc = _time_major_powers(dt, A, block, -(-length // block), conj=True)
+    """The S4D convolution kernel ``K_l = 2 Re Σ_m W_m exp(l·Δ_h·A_hm)`` for ``l < length``, ``W = C·dB`` ``(H, M)``
+    (or ``(..., H, M)``: one kernel per leading index): real ``(..., H, length)`` (float32; float64 for float64
+    ``dt``), differentiable in ``dt``, ``A`` and ``W`` with the backward by hand. ``block``: the lag factorisation's
+    block, a power of two (default :func:`lag_block`)."""
+    Pc, Qc = lag_factors(dt, A, length, block, conj=True)
     return _S4DKernel.apply(dt, A, W, length, Pc, Qc)
 
 
+def lag_factors(dt: torch.Tensor, A: torch.Tensor, length: int, block: int | None = None, *,
+                conj: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, Q)`` with ``exp(l·ΔA) = P[:, l % b] · Q[:, l // b]`` (conjugated when ``conj``): ``P (H, b, M)`` the lags
+    below the block ``b`` (a power of two, default :func:`lag_block`), ``Q (H, ceil(T/b), M)`` the block starts. No
+    gradient: the Functions that contract with them differentiate through them by hand."""
+    block = block or lag_block(length)
+    with torch.no_grad():
+        return _time_major_powers(dt, A, block, -(-length // block), conj=conj)
+
+
 class _S4DStateSum(torch.autograd.Function):
-    """``R[b, h, m] = Σ_l u[b, l, h]·exp((T-1-l)·z_hm)``, ``z = Δ·A``: the state after ``T`` tokens (times ``dB``)
-    for real ``u (B, T, H)``, by the lag-major factors of :func:`_time_major_powers`. The input is zero-padded in front
-    to ``T2·b`` (``l' = l + pad = s·b + t``); the power is then ``(T2-1-s)·b + (b-1-t)``, so it contracts with the
-    factors reversed along their lags (small) rather than with a reversed input: one real matmul per channel (inner
-    size ``b``, the input real) and a product with reversed ``Q`` summed over blocks. Backward by hand, with
-    ``E_j = exp(j·z)``, ``j = T-1-l``:
+    """``R[b, h, m] = Σ_l u[b, h, l]·exp((T-1-l)·z_hm)``, ``z = Δ·A``: the state after ``T`` tokens (times ``dB``)
+    for real channel-major ``u (B, H, T)``, by the lag-major factors of :func:`_time_major_powers`. The input is
+    zero-padded in front to ``T2·b`` (``l' = l + pad = s·b + t``); the power is then ``(T2-1-s)·b + (b-1-t)``, so
+    it contracts with the factors reversed along their lags (small) rather than with a reversed input: one real
+    matmul per channel (inner size ``b``, the input real) and a product with reversed ``Q`` summed over blocks.
+    Backward by hand, with ``E_j = exp(j·z)``, ``j = T-1-l``:
 
         ∂u_l = Re Σ_m ∂R_m·conj(E_j)       (one real matmul, as the kernel's forward)
         ∂z   = Σ_b ∂R·conj(Σ_l j·u_l·E_j)   (``j = (T2-1-s)·b + (b-1-t)``: the block part from the forward's product,
@@ -284,21 +209,20 @@ class _S4DStateSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dt, A, u, Pc, Qc):
-        bsz, t_len, h = u.shape
+        bsz, h, t_len = u.shape  # channel-major: the matmuls below need H as a batch dimension
         block, blocks, m = Pc.shape[1], Qc.shape[1], Pc.shape[2]
         # with the conjugated factors (shared with the kernel) the sums are conjugated: conj(R) = Σ u'·Pcf·Qcf
         Pcf, Qcf = Pc.flip(1), Qc.flip(1)  # conj exp((b-1-t)·z), conj exp((T2-1-s)·b·z)
         pad = blocks * block - t_len
-        front = u.new_empty(h, bsz, blocks * block)
         if pad:
-            front[..., :pad] = 0
-        if bsz == 1 and not pad:  # a plain 2-D transpose takes torch's blocked copy (3x the 3-D permute's speed)
-            front.view(h, t_len).copy_(u[0].t())
+            front = u.new_zeros(bsz, h, blocks * block)
+            front[..., pad:] = u
         else:
-            front[..., pad:] = u.permute(2, 0, 1)  # the one transposed copy: the matmul needs H as its batch
-        Yc = torch.bmm(front.view(h, bsz * blocks, block), torch.view_as_real(Pcf).view(h, block, 2 * m))
-        Yc = torch.view_as_complex(Yc.view(h, bsz, blocks, m, 2))  # Σ_t u'[s, t]·conj(Pf[t])
-        R = (Yc * Qcf[:, None]).sum(2).conj().permute(1, 0, 2)  # (B, H, M)
+            front = u.contiguous()
+        front = front.view(bsz, h, blocks, block)
+        Yc = torch.matmul(front, torch.view_as_real(Pcf).view(h, block, 2 * m))
+        Yc = torch.view_as_complex(Yc.view(bsz, h, blocks, m, 2))  # Σ_t u'[s, t]·conj(Pf[t])
+        R = (Yc * Qcf).sum(2).conj()  # (B, H, M)
         ctx.pad = pad
         ctx.save_for_backward(dt, A, front, Pcf, Qcf, Yc)
         return R
@@ -308,29 +232,27 @@ class _S4DStateSum(torch.autograd.Function):
     def backward(ctx, g_r):
         dt, A, front, Pcf, Qcf, Yc = ctx.saved_tensors
         with torch.autocast(Pcf.device.type, enabled=False):  # a backward run inside autocast stays fp32
-            g = g_r.to(Pcf.dtype).permute(1, 0, 2).contiguous()  # (H, B, M)
-            return _S4DStateSum._backward(ctx, g, dt, A, front, Pcf, Qcf, Yc)
+            return _S4DStateSum._backward(ctx, g_r.to(Pcf.dtype), dt, A, front, Pcf, Qcf, Yc)
 
     @staticmethod
     def _backward(ctx, g, dt, A, front, Pcf, Qcf, Yc):
         h, block, m = Pcf.shape
-        bsz, blocks = g.shape[1], Qcf.shape[1]
+        bsz, blocks = g.shape[0], Qcf.shape[1]
         g_dt = g_a = g_u = None
         if ctx.needs_input_grad[2]:
             # ∂u'[s, t] = Re Σ_m conj(g)·Qf[s]·Pf[t] = Re Σ_m (g·Qcf[s])·Pcf[t] = Re X @ Re Pcf - Im X @ Im Pcf
-            X = g[:, :, None, :] * Qcf[:, None]  # (H, B, T2, M)
-            left = torch.view_as_real(X).view(h, bsz * blocks, 2 * m)
+            X = g[:, :, None, :] * Qcf  # (B, H, T2, M)
+            left = torch.view_as_real(X).view(bsz, h, blocks, 2 * m)
             left[..., 1::2].neg_()
-            gu = torch.bmm(left, torch.view_as_real(Pcf).view(h, block, 2 * m).transpose(1, 2))
-            g_u = gu.view(h, bsz, blocks * block)[..., ctx.pad:].permute(1, 2, 0).contiguous()  # (B, T, H)
+            gu = torch.matmul(left, torch.view_as_real(Pcf).view(h, block, 2 * m).transpose(1, 2))
+            g_u = gu.view(bsz, h, blocks * block)[..., ctx.pad:]  # (B, H, T)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             lags = torch.arange(block - 1, -1, -1, dtype=front.dtype, device=front.device)  # b-1-t
-            Yct = torch.bmm(front.view(h, bsz * blocks, block),
-                            torch.view_as_real(Pcf * lags[:, None]).view(h, block, 2 * m))
-            Yct = torch.view_as_complex(Yct.view(h, bsz, blocks, m, 2))  # Σ_t u'[s, t]·(b-1-t)·conj(Pf[t])
+            Yct = torch.matmul(front, torch.view_as_real(Pcf * lags[:, None]).view(h, block, 2 * m))
+            Yct = torch.view_as_complex(Yct.view(bsz, h, blocks, m, 2))  # Σ_t u'[s, t]·(b-1-t)·conj(Pf[t])
             s_lags = torch.arange(blocks - 1, -1, -1, dtype=front.dtype, device=front.device) * block
-            Sc = (Qcf[:, None] * (Yc * s_lags[:, None] + Yct)).sum(2)  # (H, B, M): conj Σ_l j·u_l·E_j
-            g_z = (g * Sc).sum(1)
+            Sc = (Qcf * (Yc * s_lags[:, None] + Yct)).sum(2)  # (B, H, M): conj Σ_l j·u_l·E_j
+            g_z = (g * Sc).sum(0)
             g_dt = (g_z * A.conj()).real.sum(-1).to(dt.dtype) if ctx.needs_input_grad[0] else None
             g_a = (g_z * dt.to(g_z.real.dtype)[:, None]).to(A.dtype) if ctx.needs_input_grad[1] else None
         return g_dt, g_a, g_u, None, None
@@ -339,10 +261,8 @@ class _S4DStateSum(torch.autograd.Function):
 def s4d_state_sum(dt: torch.Tensor, A: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``Σ_l u[b, l, h]·exp((T-1-l)·Δ_h·A_hm)`` for real ``u (B, T, H)``: ``(B, H, M)`` complex; the S4D state after the
     input is this times ``dB``. Differentiable in ``dt``, ``A`` and ``u`` (backward by hand)."""
-    block = lag_block(u.shape[1])
-    with torch.no_grad():  # the Function's backward differentiates through the factors itself
-        Pc, Qc = _time_major_powers(dt, A, block, -(-u.shape[1] // block), conj=True)
-    return _S4DStateSum.apply(dt, A, u, Pc, Qc)
+    Pc, Qc = lag_factors(dt, A, u.shape[1], conj=True)
+    return _S4DStateSum.apply(dt, A, u.transpose(1, 2).contiguous(), Pc, Qc)
 
 
 class _FFTCausalConv(torch.autograd.Function):
@@ -422,21 +342,19 @@ def _s4d_fft(u, dt, A, C, state, want_state):
                                                                                dtype=torch.complex64, device=u.device)
         return u.new_zeros(bsz, 0, h), (x0 if want_state else None)
     # K_l = 2 Re Σ_m W_m exp(l·ΔA_m): one (T2 x 2M) @ (2M x b) real product per channel
-    block = lag_block(t_len)
-    with torch.no_grad():  # both Functions below differentiate through the factors themselves
-        Pc, Qc = _time_major_powers(dt, A, block, -(-t_len // block), conj=True)
+    Pc, Qc = lag_factors(dt, A, t_len, conj=True)  # both Functions below differentiate through them by hand
     K = _S4DKernel.apply(dt, A, Cc * dB, t_len, Pc, Qc)
-    y = fft_causal_conv(u32, K, time_major=True)  # (B, T, H), contiguous
-    if state is not None:  # a carried state: its decay over the chunk enters y and the state after it
+    # with the final state asked for, the input is transposed once, for both the state's matmuls and the FFT (which
+    # reads a transposed view more slowly than a contiguous one)
+    u_ht = u32.transpose(1, 2).contiguous() if want_state else None
+    y = fft_causal_conv(u_ht.transpose(1, 2) if want_state else u32, K, time_major=True)  # (B, T, H), contiguous
+    if state is not None:  # a carried state: 2 Re Σ_m C_m dA_m^{t+1} x0_m is a kernel with W = C·dA·x0 per row
         x0 = state.to(torch.complex64)
-        P, Q = vandermonde_factors(dt, A, t_len)  # (H, M, b), (H, M, T2): exp(l·ΔA) = P[l % b]·Q[l // b]
-        b, t2 = P.shape[-1], Q.shape[-1]
-        Z = (Cc * dA * x0)[..., None] * Q  # (B, H, M, T2)
-        y = y + 2 * torch.einsum("bhms,hmt->bhst", Z, P).reshape(bsz, h, t2 * b)[..., :t_len].real.transpose(1, 2)
+        y = y + _S4DKernel.apply(dt, A, Cc * dA * x0, t_len, Pc, Qc).transpose(1, 2)
     new_state = None
     if want_state:
-        new_state = dB * _S4DStateSum.apply(dt, A, u32, Pc, Qc)
-        if state is not None:
-            last = P[..., (t_len - 1) % b] * Q[..., (t_len - 1) // b]  # exp((T-1)·ΔA)
-            new_state = new_state + dA * last * x0
+        new_state = dB * _S4DStateSum.apply(dt, A, u_ht, Pc, Qc)
+        if state is not None:  # dA^T·x0, the power in float64 (its phase reaches T·Δ·Im A)
+            z = dt.to(torch.float64)[:, None] * A.to(torch.complex128)
+            new_state = new_state + torch.exp(t_len * z).to(torch.complex64) * x0
     return y.to(u.dtype), new_state

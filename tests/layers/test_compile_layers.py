@@ -6,7 +6,8 @@ must be zero (:data:`NO_BREAKS`).
 Inductor builds C++ on CPU, so this needs a C++ compiler (``g++``/``clang++``; checked below: without one the
 layers are compiled with ``aot_eager``, which still traces forward and backward through dynamo and AOTAutograd).
 Compiling every layer takes minutes on a small CPU, so the full sweep is ``slow``; one representative (the MLP,
-the cheapest compile) is not marked, so every run of the suite still compiles something with inductor.
+the cheapest compile) is not marked, so every run of the suite still compiles something with inductor. The same
+sweep runs on CUDA with inductor where a GPU is present (skipped otherwise).
 """
 
 from __future__ import annotations
@@ -73,17 +74,16 @@ def test_registry_covers_every_layer():
     assert FAST in registry.symbols()
 
 
-@pytest.mark.parametrize("symbol, params", _cases())
-def test_layer_compiles_and_matches_eager(symbol, params, record_property):
+def _compile_matches_eager(symbol: str, params: dict[str, Any], device: str, backend: str, record_property) -> None:
     spec = registry.get(symbol)
     torch.manual_seed(0)
-    layer = spec.build(D_MODEL, params, layer_idx=1, n_layers=2).train()
+    layer = spec.build(D_MODEL, params, layer_idx=1, n_layers=2).train().to(device)
     g = torch.Generator().manual_seed(1)
-    x, gy = torch.randn(BATCH, SEQ, D_MODEL, generator=g), torch.randn(BATCH, SEQ, D_MODEL, generator=g)
+    x, gy = (torch.randn(BATCH, SEQ, D_MODEL, generator=g).to(device) for _ in range(2))
     ref = _run(layer, layer, x, gy)
     n_breaks, reasons = graph_breaks(layer, x)
     record_property("graph_breaks", n_breaks)
-    print(f"\n{symbol} {params}: {n_breaks} graph break(s) [{BACKEND}] {reasons[:3]}")
+    print(f"\n{symbol} {params} on {device}: {n_breaks} graph break(s) [{backend}] {reasons[:3]}")
     if symbol in NO_BREAKS:
         assert n_breaks == 0, f"{symbol} {params}: {n_breaks} graph break(s): {reasons[:3]}"
     torch._dynamo.reset()
@@ -91,7 +91,27 @@ def test_layer_compiles_and_matches_eager(symbol, params, record_property):
     # (RuntimeError: shape '[94398234158734, ...]' is invalid) - a torch bug, not the layer's: a cold compile
     # matches eager, so the cache is off here (in training such an error falls back to eager and is recorded)
     with torch._functorch.config.patch(enable_autograd_cache=False):
-        got = _run(layer, torch.compile(layer, backend=BACKEND, fullgraph=False), x, gy)
+        got = _run(layer, torch.compile(layer, backend=backend, fullgraph=False), x, gy)
     assert set(got) == set(ref)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], **TOL, msg=lambda m, n=name: f"{symbol} {n}: {m}")
+
+
+@pytest.mark.parametrize("symbol, params", _cases())
+def test_layer_compiles_and_matches_eager(symbol, params, record_property):
+    _compile_matches_eager(symbol, params, "cpu", BACKEND, record_property)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("symbol, params", _cases())
+def test_layer_compiles_and_matches_eager_on_cuda(symbol, params, record_property):
+    """The same on CUDA with inductor (Triton code generation): the layers' own ops take their ``auto`` backend
+    there (the Triton kernels where an op has one, after their self-check), fp32 matmuls in full precision (no TF32),
+    so eager and compiled differ only by fusion order."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        _compile_matches_eager(symbol, params, "cuda", "inductor", record_property)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

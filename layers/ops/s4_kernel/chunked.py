@@ -154,7 +154,8 @@ class _S4DKernel(torch.autograd.Function):
         if pad:
             g[..., ctx.length:] = 0
         g[:, :, 0, :ctx.length] = g_k
-        torch.mul(g_k, torch.arange(ctx.length, dtype=g_k.dtype, device=g_k.device), out=g[:, :, 1, :ctx.length])
+        g[:, :, 1, :ctx.length] = g_k * torch.arange(ctx.length, dtype=g_k.dtype, device=g_k.device)  # (no out=
+        # into a strided slice: torch.compile breaks the graph there)
         right = torch.view_as_real(Pc).view(h, b, 2 * m)
         if n_w == 1:
             Y = torch.bmm(g.view(h, 2 * t2, b), right)  # Σ_t v[s, t] conj(P_t)

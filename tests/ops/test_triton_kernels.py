@@ -378,6 +378,19 @@ def test_selective_scan_triton_dtypes_and_state_carry(ss_interp):
     assert rel(torch.cat([y1, y2], dim=1), y) <= TOL and rel(s2, s) <= TOL
 
 
+@pytest.mark.parametrize("shape", [(2, 0, 5, 3), (0, 4, 5, 3), (2, 4, 0, 3)], ids=["T0", "B0", "D0"])
+def test_selective_scan_triton_empty_inputs(ss_interp, shape):
+    """No tokens, no batch or no channels: the oracle's shapes and dtypes, the state passed through."""
+    from layers.ops.selective_scan.naive import selective_scan_naive
+
+    b, t, d, n = shape
+    args = (torch.randn(b, t, d), torch.rand(b, t, d), -torch.rand(d, n), torch.randn(b, t, n), torch.randn(b, t, n),
+            torch.randn(b, d, n))
+    (y0, s0), (y1, s1) = selective_scan_naive(*args), ss_interp.selective_scan_triton(*args)
+    assert (y1.shape, y1.dtype, s1.shape, s1.dtype) == (y0.shape, y0.dtype, s0.shape, s0.dtype)
+    assert torch.equal(s1, args[-1])
+
+
 def test_selective_scan_dispatch_and_mamba1_layer_forced_triton(ss_interp):
     """The op entry reaches the kernel when forced, and a Mamba-1 layer (output and every parameter gradient)
     matches its naive run."""

@@ -43,7 +43,7 @@ def test_doctor_interpret_runs_the_real_self_checks():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith("  ")}
-    for op in ("mamba2", "mamba3", "rwkv7"):
+    for op in ("mamba2", "mamba3", "rwkv7", "selective_scan"):
         assert "self-check float32 ok" in rows[op], proc.stdout
 
 
@@ -57,7 +57,7 @@ def test_doctor_reports_a_failing_kernel(capsys, monkeypatch):
     monkeypatch.setitem(mamba3_op.BACKENDS, "triton", wrong)
     monkeypatch.setattr(dispatch, "triton_usable", lambda device: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    for op in ("mamba2", "rwkv7"):  # the others pass: keep this test off the interpreter
+    for op in ("mamba2", "rwkv7", "selective_scan"):  # the others pass: keep this test off the interpreter
         table = dispatch.registered()[op]
         monkeypatch.setitem(table, "triton", table["chunked"])
     dispatch.reset_checks()

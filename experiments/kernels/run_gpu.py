@@ -94,6 +94,37 @@ def mamba2_errors(dev, dtype, t_len, h=8, p=64, n=128, chunk=64) -> dict[str, fl
     return {k: rel(out["tri"][k], out["ref"][k]) for k in out["ref"]}
 
 
+def selective_scan_case(dev, dtype, bsz, t_len, d, n, seed=2) -> dict[str, torch.Tensor]:
+    """Mamba-1 inputs: S4D-Real ``A = -(1..N)`` per channel, small positive Δ (softplus), B and C ~ N(0, 1/N);
+    u, Δ, B, C in ``dtype``, A and the state fp32 (as the layer passes them)."""
+    g = torch.Generator().manual_seed(seed)
+    base = {"u": torch.randn(bsz, t_len, d, generator=g),
+            "delta": torch.nn.functional.softplus(torch.randn(bsz, t_len, d, generator=g) - 3.0),
+            "A": -torch.arange(1, n + 1, dtype=torch.float32).repeat(d, 1),
+            "B": torch.randn(bsz, t_len, n, generator=g) / n ** .5,
+            "C": torch.randn(bsz, t_len, n, generator=g) / n ** .5,
+            "state": torch.randn(bsz, d, n, generator=g)}
+    return {k: v.to(dev, torch.float32 if k in ("A", "state") else dtype) for k, v in base.items()}
+
+
+def selective_scan_errors(dev, dtype, t_len, d=512, n=16, chunk=16) -> dict[str, float]:
+    from layers.ops.selective_scan.naive import selective_scan_naive
+    from layers.ops.selective_scan.triton import selective_scan_triton
+
+    base = selective_scan_case(dev, dtype, 2, t_len, d, n)
+    out = {}
+    for tag, fn, cast in (("ref", selective_scan_naive, torch.float32), ("tri", selective_scan_triton, dtype)):
+        leaves = {k: v.detach().to(torch.float32 if k in ("A", "state") else cast).requires_grad_(True)
+                  for k, v in base.items()}
+        y, s = fn(*leaves.values(), chunk_size=chunk)
+        gen = torch.Generator().manual_seed(7)
+        loss = (y.float() * torch.randn(y.shape, generator=gen).to(dev)).sum()
+        loss = loss + (s * torch.randn(s.shape, generator=gen).to(dev)).sum()
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        out[tag] = {"y": y.float(), "final_state": s, **{f"d{k}": gr.float() for k, gr in zip(leaves, grads)}}
+    return {k: rel(out["tri"][k], out["ref"][k]) for k in out["ref"]}
+
+
 def accuracy(dev, smoke: bool) -> dict[str, Any]:
     dtypes = [torch.float32] if dev.type == "cpu" else [torch.float32, torch.bfloat16]
     t_len = 37 if smoke else 1000  # not a multiple of the chunk: the partial last chunk is exercised
@@ -105,6 +136,8 @@ def accuracy(dev, smoke: bool) -> dict[str, Any]:
         for r, pairing, chunk in ((1, "interleaved", 64), (4, "half", 16)):
             d = {**dims} if smoke else {"chunk": chunk}
             res[f"mamba3-R{r}/{dn}"] = mamba3_errors(dev, dtype, t_len, r, pairing, **d)
+        ss = {"d": 20, "n": 8} if smoke else {}  # Mamba-1: D 512 (d_model 256), N 16, chunk 16
+        res[f"selective_scan/{dn}"] = selective_scan_errors(dev, dtype, t_len, **ss)
     return res
 
 
@@ -115,6 +148,7 @@ BENCHES = [  # (name, symbol, params, backends)
      "chunked,triton,mamba-ssm-mamba3"),
     ("mamba2", "M", "variant=mamba2,d_state=128,headdim=64", "chunked,triton,mamba-ssm-ssd,fla-simple-gla"),
     ("rwkv7", "R", "head_size=64", "chunked,triton,fla-rwkv7"),
+    ("mamba1", "M", "variant=mamba1,d_state=16", "chunked,triton"),
     ("attention", "A", "n_heads=16", "auto,sdpa"),
 ]
 
@@ -134,6 +168,99 @@ def speed(dev, smoke: bool, out: Path, log) -> list[str]:
         (out / f"bench_{name}.json").write_text(res.to_json())
         lines += [f"### {name}", "", "```", bench.format_table(res), "```", ""]
     return lines
+
+
+SS_BACKENDS = ("chunked", "triton", "mamba-ssm")
+
+
+def _mamba_ssm_scan():
+    """``mamba_ssm``'s CUDA selective scan as ``(u, Δ (B, D, T), A, B, C (B, N, T)) -> (y, last state)``, or None
+    when the package is not installed."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError:
+        return None
+    return lambda u, delta, A, B, C: selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_softplus=False,
+                                                       return_last_state=True)
+
+
+def selective_scan_speed(dev, smoke: bool, out: Path, log) -> list[str]:
+    """The op alone (Mamba-1 at d_model 512: D 1024, N 16; batch 8), forward and forward+backward of
+    ``(y·g).sum() + (h_T·g').sum()``, median of 10 after 3 warm-ups (60 s cap per cell). mamba_ssm takes its
+    channel-major layout, made before timing; it has no initial state, so none is passed to any backend."""
+    from layers.ops.selective_scan import BACKENDS
+
+    bsz, d, n = (1, 20, 8) if smoke else (8, 1024, 16)
+    seq_lens = [33] if smoke else [512, 2048, 8192]
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    warmup, repeat, budget = (0, 1, None) if smoke else (3, 10, 60.0)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    peer = _mamba_ssm_scan()
+    rows: list[dict[str, Any]] = []
+    for t_len in seq_lens:
+        base = selective_scan_case(dev, dtype, bsz, t_len, d, n)
+        del base["state"]
+        gy = torch.randn(bsz, t_len, d, generator=torch.Generator().manual_seed(1)).to(dev, dtype)
+        gs = torch.randn(bsz, d, n, generator=torch.Generator().manual_seed(2)).to(dev)
+        first: dict[str, Any] | None = None
+        for name in SS_BACKENDS:
+            row: dict[str, Any] = {"seq_len": t_len, "backend": name}
+            try:
+                if name == "mamba-ssm":
+                    if peer is None:
+                        raise RuntimeError("package 'mamba_ssm' is not installed")
+                    cm = {k: (v.transpose(1, 2) if k != "A" else v) for k, v in base.items()}  # (B, D|N, T)
+                    leaves = {k: v.detach().contiguous().clone().requires_grad_(True) for k, v in cm.items()}
+                    g_out = gy.transpose(1, 2)
+
+                    def call(lv=leaves):
+                        return peer(*lv.values())
+                else:
+                    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in base.items()}
+                    g_out = gy
+
+                    def call(lv=leaves, fn=BACKENDS[name]):
+                        return fn(*lv.values())
+
+                def fwd(call=call):
+                    with torch.no_grad():
+                        call()
+                    sync()
+
+                def fwd_bwd(call=call, lv=leaves, g_out=g_out, gs=gs):
+                    for v in lv.values():
+                        v.grad = None
+                    y, s = call()
+                    ((y * g_out).sum() + (s * gs).sum()).backward()
+                    sync()
+
+                row["fwd_s"] = bench._time(fwd, warmup, repeat, budget)
+                row["fwd_bwd_s"] = bench._time(fwd_bwd, warmup, repeat, budget)
+            except Exception as e:  # one failing backend must not hide the others
+                row["error"] = f"{type(e).__name__}: {e}"
+            if first is None:
+                first = row
+            for key, ratio in (("fwd_s", "fwd_speedup"), ("fwd_bwd_s", "fwd_bwd_speedup")):
+                if row.get(key) and first.get(key):
+                    row[ratio] = first[key] / row[key]
+            rows.append(row)
+            log(json.dumps(row))
+    (out / "bench_selective_scan_op.json").write_text(json.dumps(
+        {"batch": bsz, "d": d, "n": n, "dtype": str(dtype), "warmup": warmup, "repeat": repeat, "rows": rows},
+        indent=2))
+
+    def ms(row, key):
+        return f"{row[key] * 1e3:.2f} ms" if row.get(key) else "-"
+
+    def x(row, key):
+        return f"{row[key]:.2f}x" if row.get(key) else "-"
+
+    lines = [f"### selective_scan op (B {bsz}, D {d}, N {n}, {str(dtype).removeprefix('torch.')})", "",
+             "| T | backend | fwd | speed-up | fwd+bwd | speed-up | note |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['seq_len']} | {r['backend']} | {ms(r, 'fwd_s')} | {x(r, 'fwd_speedup')} | "
+                     f"{ms(r, 'fwd_bwd_s')} | {x(r, 'fwd_bwd_speedup')} | {r.get('error', '')} |")
+    return [*lines, ""]
 
 
 def main() -> int:
@@ -168,6 +295,7 @@ def main() -> int:
     if not args.skip_speed:
         lines += ["## Speed (hybridnas bench; speed-ups vs the first backend)", ""]
         lines += speed(dev, args.smoke, out, lambda s: print(s, flush=True))
+        lines += selective_scan_speed(dev, args.smoke, out, lambda s: print(s, flush=True))
     lines.append(f"total {time.time() - t0:.0f} s")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out}/summary.md")

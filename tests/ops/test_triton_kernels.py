@@ -307,3 +307,115 @@ def test_rwkv7_dispatch_forced_triton(interp):
     with dispatch.force("triton"):
         got, _ = rwkv7(*args)
     assert rel(got, ref) <= TOL
+
+
+# ------------------------------------------------------------------------------------- Mamba-1 selective scan
+
+@pytest.fixture(scope="module")
+def ss_interp(interp):
+    """The selective-scan kernel module, (re)decorated while ``interp`` holds ``TRITON_INTERPRET=1``."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    name = "layers.ops.selective_scan.triton"
+    mod = importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
+    assert isinstance(mod._ss_fwd_kernel, InterpretedFunction)
+    assert isinstance(mod._ss_bwd_kernel, InterpretedFunction)
+    return mod
+
+
+SS_D = 20  # two channel blocks of 16, the second partial
+
+
+def ss_inputs(t_len: int, n: int, with_state: bool, seed: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {"u": torch.randn(B, t_len, SS_D, generator=g),
+           "delta": torch.nn.functional.softplus(torch.randn(B, t_len, SS_D, generator=g) - 1.0),
+           "A": -torch.rand(SS_D, n, generator=g) * torch.arange(1, n + 1) / 2,
+           "B": torch.randn(B, t_len, n, generator=g), "C": torch.randn(B, t_len, n, generator=g)}
+    if with_state:
+        out["state"] = torch.randn(B, SS_D, n, generator=g)
+    return {k: v.to(dtype).requires_grad_(True) for k, v in out.items()}
+
+
+def ss_run(fn, inp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    y, s = fn(*inp.values(), chunk_size=CHUNK)
+    g = torch.Generator().manual_seed(7)
+    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum() + (s * torch.randn(s.shape, generator=g)).sum()
+    return {"y": y, "final_state": s, **grads(loss, inp)}
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "state"])
+@pytest.mark.parametrize("t_len, n", [(1, 8), (17, 16), (33, 8)], ids=["T1-N8", "T17-N16", "T33-N8"])
+def test_selective_scan_triton_matches_naive(ss_interp, t_len, n, with_state):
+    """Output, final state and the gradients of u, delta, A, B, C (and state) against the fp32 token loop; D=20
+    spans a full and a partial channel block, T=17 and 33 end in a partial chunk."""
+    from layers.ops.selective_scan.naive import selective_scan_naive
+
+    inp = ss_inputs(t_len, n, with_state, seed=t_len + n + with_state)
+    ref, got = ss_run(selective_scan_naive, inp), ss_run(ss_interp.selective_scan_triton, inp)
+    assert got["y"].dtype == torch.float32 and got["final_state"].dtype == torch.float32
+    assert set(got) == {"y", "final_state", "du", "ddelta", "dA", "dB", "dC", *(["dstate"] if with_state else [])}
+    check(ref, got)
+
+
+def test_selective_scan_triton_dtypes_and_state_carry(ss_interp):
+    """float64 inputs: y comes back in u's dtype, the state in fp32, gradients in their inputs' dtypes (as the
+    oracle); two calls carrying the state equal one call over the whole sequence."""
+    from layers.ops.selective_scan.naive import selective_scan_naive
+
+    inp = ss_inputs(9, 8, True, seed=11, dtype=torch.float64)
+    ref, got = ss_run(selective_scan_naive, inp), ss_run(ss_interp.selective_scan_triton, inp)
+    assert got["y"].dtype == torch.float64 and got["final_state"].dtype == torch.float32
+    assert all(got[f"d{k}"].dtype == torch.float64 for k in inp)
+    check(ref, got)
+    args = [v.detach().float() for k, v in inp.items() if k != "state"]
+    with torch.no_grad():
+        y, s = ss_interp.selective_scan_triton(*args, inp["state"].detach().float(), chunk_size=4)
+        cut = lambda x, sl: x[:, sl] if x.dim() == 3 and x.shape[0] == B else x  # noqa: E731
+        y1, s1 = ss_interp.selective_scan_triton(*(cut(x, slice(0, 5)) for x in args), inp["state"].detach().float(),
+                                                 chunk_size=4)
+        y2, s2 = ss_interp.selective_scan_triton(*(cut(x, slice(5, None)) for x in args), s1, chunk_size=4)
+    assert rel(torch.cat([y1, y2], dim=1), y) <= TOL and rel(s2, s) <= TOL
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 5, 3), (0, 4, 5, 3), (2, 4, 0, 3)], ids=["T0", "B0", "D0"])
+def test_selective_scan_triton_empty_inputs(ss_interp, shape):
+    """No tokens, no batch or no channels: the oracle's shapes and dtypes, the state passed through."""
+    from layers.ops.selective_scan.naive import selective_scan_naive
+
+    b, t, d, n = shape
+    args = (torch.randn(b, t, d), torch.rand(b, t, d), -torch.rand(d, n), torch.randn(b, t, n), torch.randn(b, t, n),
+            torch.randn(b, d, n))
+    (y0, s0), (y1, s1) = selective_scan_naive(*args), ss_interp.selective_scan_triton(*args)
+    assert (y1.shape, y1.dtype, s1.shape, s1.dtype) == (y0.shape, y0.dtype, s0.shape, s0.dtype)
+    assert torch.equal(s1, args[-1])
+
+
+def test_selective_scan_dispatch_and_mamba1_layer_forced_triton(ss_interp):
+    """The op entry reaches the kernel when forced, and a Mamba-1 layer (output and every parameter gradient)
+    matches its naive run."""
+    from hybridnas import registry
+    from layers.ops import dispatch
+    from layers.ops.selective_scan import BACKENDS, selective_scan
+
+    assert "triton" in BACKENDS
+    inp = {k: v.detach() for k, v in ss_inputs(6, 8, True, seed=2).items()}
+    with torch.no_grad():
+        with dispatch.force("naive"):
+            ref, _ = selective_scan(*inp.values())
+        with dispatch.force("triton"):
+            got, _ = selective_scan(*inp.values())
+    assert rel(got, ref) <= TOL
+    torch.manual_seed(0)
+    layer = registry.get("M").build(16, {"variant": "mamba1", "d_state": 8})
+    x = torch.randn(1, 7, 16)
+    out = {}
+    for backend in ("naive", "triton"):
+        layer.zero_grad(set_to_none=True)
+        with dispatch.force(backend):
+            y = layer(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        out[backend] = {"y": y.detach(), **{f"d{n}": p.grad.clone() for n, p in layer.named_parameters()
+                                            if p.grad is not None}}
+    assert out["naive"].keys() == out["triton"].keys()
+    check(out["naive"], out["triton"])

@@ -81,14 +81,23 @@ def mamba2_errors(dev, dtype, t_len, h=8, p=64, n=128, chunk=64) -> dict[str, fl
             "B": torch.randn(2, t_len, 1, n, generator=g) / n ** .5,
             "C": torch.randn(2, t_len, 1, n, generator=g) / n ** .5, "state": torch.randn(2, h, p, n, generator=g)}
     base = {k: v.to(dev, torch.float32 if k == "state" else dtype) for k, v in base.items()}
+    return triton_vs_naive(base, ("state",), ssd_naive, ssd_triton, dtype, chunk_size=chunk)
+
+
+def triton_vs_naive(base: dict[str, torch.Tensor], fp32_keys: tuple[str, ...], naive, triton_fn, dtype,
+                    **kwargs) -> dict[str, float]:
+    """Relative errors of ``triton_fn`` against ``naive`` (run in fp32) for the output, the final state and the
+    gradient of every input, under one random weighting of ``y`` and the state: both take ``base``'s values as
+    positional leaves (``fp32_keys`` stay fp32 for both, the rest are cast to ``dtype`` for the kernel) and
+    return ``(y, state)``."""
     out = {}
-    for tag, fn, cast in (("ref", ssd_naive, torch.float32), ("tri", ssd_triton, dtype)):
-        leaves = {k: v.detach().to(torch.float32 if k == "state" else cast).requires_grad_(True)
+    for tag, fn, cast in (("ref", naive, torch.float32), ("tri", triton_fn, dtype)):
+        leaves = {k: v.detach().to(torch.float32 if k in fp32_keys else cast).requires_grad_(True)
                   for k, v in base.items()}
-        y, s = fn(*leaves.values(), chunk_size=chunk)
+        y, s = fn(*leaves.values(), **kwargs)
         gen = torch.Generator().manual_seed(7)
-        loss = (y.float() * torch.randn(y.shape, generator=gen).to(dev)).sum()
-        loss = loss + (s * torch.randn(s.shape, generator=gen).to(dev)).sum()
+        loss = (y.float() * torch.randn(y.shape, generator=gen).to(y.device)).sum()
+        loss = loss + (s * torch.randn(s.shape, generator=gen).to(s.device)).sum()
         grads = torch.autograd.grad(loss, list(leaves.values()))
         out[tag] = {"y": y.float(), "final_state": s, **{f"d{k}": gr.float() for k, gr in zip(leaves, grads)}}
     return {k: rel(out["tri"][k], out["ref"][k]) for k in out["ref"]}
@@ -112,17 +121,8 @@ def selective_scan_errors(dev, dtype, t_len, d=512, n=16, chunk=16) -> dict[str,
     from layers.ops.selective_scan.triton import selective_scan_triton
 
     base = selective_scan_case(dev, dtype, 2, t_len, d, n)
-    out = {}
-    for tag, fn, cast in (("ref", selective_scan_naive, torch.float32), ("tri", selective_scan_triton, dtype)):
-        leaves = {k: v.detach().to(torch.float32 if k in ("A", "state") else cast).requires_grad_(True)
-                  for k, v in base.items()}
-        y, s = fn(*leaves.values(), chunk_size=chunk)
-        gen = torch.Generator().manual_seed(7)
-        loss = (y.float() * torch.randn(y.shape, generator=gen).to(dev)).sum()
-        loss = loss + (s * torch.randn(s.shape, generator=gen).to(dev)).sum()
-        grads = torch.autograd.grad(loss, list(leaves.values()))
-        out[tag] = {"y": y.float(), "final_state": s, **{f"d{k}": gr.float() for k, gr in zip(leaves, grads)}}
-    return {k: rel(out["tri"][k], out["ref"][k]) for k in out["ref"]}
+    return triton_vs_naive(base, ("A", "state"), selective_scan_naive, selective_scan_triton, dtype,
+                           chunk_size=chunk)
 
 
 def accuracy(dev, smoke: bool) -> dict[str, Any]:

@@ -59,6 +59,27 @@ def grads(loss: torch.Tensor, leaves: dict[str, torch.Tensor]) -> dict[str, torc
     return {f"d{name}": g for name, g in zip(leaves, gs)}
 
 
+def check_layer_forced_triton(symbol: str, params: dict, d_model: int, t_len: int) -> None:
+    """A registered layer end to end with its op forced to triton vs naive: the output and every parameter
+    gradient within :data:`TOL`."""
+    from hybridnas import registry
+    from layers.ops import dispatch
+
+    torch.manual_seed(0)
+    layer = registry.get(symbol).build(d_model, params)
+    x = torch.randn(1, t_len, d_model)
+    out = {}
+    for backend in ("naive", "triton"):
+        layer.zero_grad(set_to_none=True)
+        with dispatch.force(backend):
+            y = layer(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        out[backend] = {"y": y.detach(), **{f"d{n}": p.grad.clone() for n, p in layer.named_parameters()
+                                            if p.grad is not None}}
+    assert out["naive"].keys() == out["triton"].keys()
+    check(out["naive"], out["triton"])
+
+
 # ---------------------------------------------------------------------------------------------- the shared scan
 
 @pytest.mark.parametrize("t_len, r, p", [(17, 1, 16), (33, 2, 20), (21, 2, 80)], ids=["T17-R1", "T33-R2-P20",
@@ -251,22 +272,8 @@ M_TINY = {"d_state": 16, "headdim": 16, "chunk_size": 8}
                          ids=["M-mamba2", "M-mamba3-R2", "R"])
 def test_layer_forced_triton_matches_naive(interp, symbol, params):
     """A layer end to end (output and every parameter gradient) with its op forced to triton vs naive."""
-    from hybridnas import registry
-    from layers.ops import dispatch
 
-    torch.manual_seed(0)
-    layer = registry.get(symbol).build(32, params)
-    x = torch.randn(1, 11, 32)
-    out = {}
-    for backend in ("naive", "triton"):
-        layer.zero_grad(set_to_none=True)
-        with dispatch.force(backend):
-            y = layer(x)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        out[backend] = {"y": y.detach(), **{f"d{n}": p.grad.clone() for n, p in layer.named_parameters()
-                                            if p.grad is not None}}
-    assert out["naive"].keys() == out["triton"].keys()
-    check(out["naive"], out["triton"])
+    check_layer_forced_triton(symbol, params, d_model=32, t_len=11)
 
 
 # ---------------------------------------------------------------------------------------------------- RWKV-7
@@ -394,7 +401,6 @@ def test_selective_scan_triton_empty_inputs(ss_interp, shape):
 def test_selective_scan_dispatch_and_mamba1_layer_forced_triton(ss_interp):
     """The op entry reaches the kernel when forced, and a Mamba-1 layer (output and every parameter gradient)
     matches its naive run."""
-    from hybridnas import registry
     from layers.ops import dispatch
     from layers.ops.selective_scan import BACKENDS, selective_scan
 
@@ -406,16 +412,4 @@ def test_selective_scan_dispatch_and_mamba1_layer_forced_triton(ss_interp):
         with dispatch.force("triton"):
             got, _ = selective_scan(*inp.values())
     assert rel(got, ref) <= TOL
-    torch.manual_seed(0)
-    layer = registry.get("M").build(16, {"variant": "mamba1", "d_state": 8})
-    x = torch.randn(1, 7, 16)
-    out = {}
-    for backend in ("naive", "triton"):
-        layer.zero_grad(set_to_none=True)
-        with dispatch.force(backend):
-            y = layer(x)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        out[backend] = {"y": y.detach(), **{f"d{n}": p.grad.clone() for n, p in layer.named_parameters()
-                                            if p.grad is not None}}
-    assert out["naive"].keys() == out["triton"].keys()
-    check(out["naive"], out["triton"])
+    check_layer_forced_triton("M", {"variant": "mamba1", "d_state": 8}, d_model=16, t_len=7)

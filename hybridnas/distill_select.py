@@ -55,17 +55,19 @@ _REL_TOL = 1e-9
 # ---------------------------------------------------------------------------------------------- checks
 
 
+def _finite(value: Any, name: str, what: str) -> float:
+    """``value`` as a finite float, else ValueError naming ``name`` (``what``: the rule, for the message)."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(f):
+        raise ValueError(f"{name} is {f}: {what}")
+    return f
+
+
 def _finite_list(values: Any, name: str) -> list[float]:
-    out = []
-    for i, v in enumerate(values):
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name}[{i}] must be a number, got {v!r}") from None
-        if not math.isfinite(f):
-            raise ValueError(f"{name}[{i}] is {f}: scores and costs must be finite numbers")
-        out.append(f)
-    return out
+    return [_finite(v, f"{name}[{i}]", "scores and costs must be finite numbers") for i, v in enumerate(values)]
 
 
 def _check(scores: Any, k: int | None, costs: Any, budget: float | None
@@ -84,12 +86,7 @@ def _check(scores: Any, k: int | None, costs: Any, budget: float | None
         if len(c) != n:
             raise ValueError(f"costs has {len(c)} entries but scores has {n}: one cost per candidate layer")
     if budget is not None:
-        try:
-            budget = float(budget)
-        except (TypeError, ValueError):
-            raise ValueError(f"budget must be a number, got {budget!r}") from None
-        if not math.isfinite(budget):
-            raise ValueError(f"budget is {budget}: it must be a finite number")
+        budget = _finite(budget, "budget", "it must be a finite number")
         if c is None:
             raise ValueError("a budget needs costs: one cost per candidate layer")
     if k is None and budget is None:

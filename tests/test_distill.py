@@ -246,6 +246,13 @@ def test_cli_end_to_end_resumes_and_exports(teacher_dir, corpus, tmp_path, monke
     assert torch.equal(hf.generate(x, max_new_tokens=4, do_sample=False), ours.generate(x, max_new_tokens=4))
 
 
+#: the bad cases' student sections (the default one where a case has none) and lines added to the space
+BAD_STUDENTS = {"keep_too_many": "{symbol: M, keep: 3}", "bad_symbol": "{symbol: Q, keep: 1}",
+                "attention_symbol": "{symbol: A, keep: 1}", "no_keep": "{symbol: M}",
+                "bad_layer_param": "{symbol: M, keep: 1, layers: {M: {d_stat: 4}}}"}
+BAD_EXTRAS = {"unknown_key": "select: greedy\n", "bad_compare": "compare: [evenly]\n"}
+
+
 @pytest.mark.parametrize("case, field", [
     ("unknown_key", "distill.steps"),
     ("no_teacher", "teacher"),
@@ -258,27 +265,12 @@ def test_cli_end_to_end_resumes_and_exports(teacher_dir, corpus, tmp_path, monke
     ("bad_compare", "compare[0]"),
 ])
 def test_bad_space_is_one_line(case, field, teacher_dir, corpus, tmp_path, capsys):
-    teacher, student, extra = teacher_dir, None, ""
-    if case == "unknown_key":
-        extra = "select: greedy\n"
-        student = None
+    teacher = teacher_dir
     if case == "no_teacher":
         teacher = tmp_path / "nowhere"
     if case == "no_attention":
         teacher = _teacher(tmp_path / "mlp", corpus, pattern="MFMF")
-    if case == "keep_too_many":
-        student = "{symbol: M, keep: 3}"
-    if case == "bad_symbol":
-        student = "{symbol: Q, keep: 1}"
-    if case == "attention_symbol":
-        student = "{symbol: A, keep: 1}"
-    if case == "no_keep":
-        student = "{symbol: M}"
-    if case == "bad_layer_param":
-        student = "{symbol: M, keep: 1, layers: {M: {d_stat: 4}}}"
-    if case == "bad_compare":
-        extra = "compare: [evenly]\n"
-    space = _space(tmp_path, teacher, corpus, extra, student)
+    space = _space(tmp_path, teacher, corpus, BAD_EXTRAS.get(case, ""), BAD_STUDENTS.get(case))
     if case == "unknown_key":
         text = Path(space).read_text().replace("score_steps: 3", "steps: 3")
         Path(space).write_text(text)

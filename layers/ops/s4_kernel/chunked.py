@@ -47,9 +47,11 @@ from torch.autograd.function import once_differentiable
 from layers.ops.s4_kernel.naive import discretize, s4d_naive
 
 
-def _exp_lags(dt: torch.Tensor, A: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """``exp(l·Δ_h·A_hm)`` for the float64 lags ``steps``: ``(H, M, len(steps))`` complex64 (complex128 for float64
-    ``dt``), the phase reduced mod 2π in float64."""
+def vandermonde(dt: torch.Tensor, A: torch.Tensor, length: int) -> torch.Tensor:
+    """``exp(l·Δ_h·A_hm)`` for ``l < length``: ``(H, M, length)`` complex64 (complex128 for float64 ``dt``), each
+    entry from its own exponential with the phase reduced mod 2π in float64. The dense reference the factored
+    kernel and state are tested against (the op itself never forms it)."""
+    steps = torch.arange(length, dtype=torch.float64, device=dt.device)
     real = torch.float64 if dt.dtype == torch.float64 else torch.float32
     log_mag = (dt.to(real)[:, None] * A.real.to(real))[..., None] * steps.to(real)
     phase64 = (dt.to(torch.float64)[:, None] * A.imag.to(torch.float64))[..., None] * steps
@@ -58,11 +60,6 @@ def _exp_lags(dt: torch.Tensor, A: torch.Tensor, steps: torch.Tensor) -> torch.T
     mag = torch.exp(log_mag)
     # stacked as (re, im) pairs: torch.complex measured 6x slower here
     return torch.view_as_complex(torch.stack((mag * torch.cos(phase), mag * torch.sin(phase)), dim=-1))
-
-
-def vandermonde(dt: torch.Tensor, A: torch.Tensor, length: int) -> torch.Tensor:
-    """``exp(l·Δ_h·A_hm)`` for ``l < length``: ``(H, M, length)`` complex64, the phase reduced in float64."""
-    return _exp_lags(dt, A, torch.arange(length, dtype=torch.float64, device=dt.device))
 
 
 def lag_block(length: int) -> int:
@@ -344,14 +341,18 @@ def _s4d_fft(u, dt, A, C, state, want_state):
         return u.new_zeros(bsz, 0, h), (x0 if want_state else None)
     # K_l = 2 Re Σ_m W_m exp(l·ΔA_m): one (T2 x 2M) @ (2M x b) real product per channel
     Pc, Qc = lag_factors(dt, A, t_len, conj=True)  # both Functions below differentiate through them by hand
-    K = _S4DKernel.apply(dt, A, Cc * dB, t_len, Pc, Qc)
+    W = Cc * dB
+    if state is not None:  # a carried state: 2 Re Σ_m C_m dA_m^{t+1} x0_m is a kernel with W = C·dA·x0 per row,
+        x0 = state.to(torch.complex64)  # made in the same call as the convolution's kernel
+        W = torch.cat((W[None], Cc * dA * x0))
+    K = _S4DKernel.apply(dt, A, W, t_len, Pc, Qc)  # (H, T), or (1 + B, H, T) with a carried state
     # with the final state asked for, the input is transposed once, for both the state's matmuls and the FFT (which
     # reads a transposed view more slowly than a contiguous one)
     u_ht = u32.transpose(1, 2).contiguous() if want_state else None
-    y = fft_causal_conv(u_ht.transpose(1, 2) if want_state else u32, K, time_major=True)  # (B, T, H), contiguous
-    if state is not None:  # a carried state: 2 Re Σ_m C_m dA_m^{t+1} x0_m is a kernel with W = C·dA·x0 per row
-        x0 = state.to(torch.complex64)
-        y = y + _S4DKernel.apply(dt, A, Cc * dA * x0, t_len, Pc, Qc).transpose(1, 2)
+    u_in = u_ht.transpose(1, 2) if want_state else u32
+    y = fft_causal_conv(u_in, K if state is None else K[0], time_major=True)  # (B, T, H), contiguous
+    if state is not None:
+        y = y + K[1:].transpose(1, 2)
     new_state = None
     if want_state:
         new_state = dB * _S4DStateSum.apply(dt, A, u_ht, Pc, Qc)
